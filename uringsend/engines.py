@@ -1,0 +1,335 @@
+"""Engines: how each mode turns a file range into chains of SQEs, and what their CQEs mean.
+
+A transfer has at most one chain in flight, so its bytes reach the socket in order. A chain is a
+window of chunks; when its last result arrives the engine looks at what happened and builds the
+next one from the first byte the socket did not take:
+- a short fill (READ or file->pipe splice) means the file ended early: the transfer ends short;
+- a short send, -EAGAIN, or a member cancelled by a broken link is retried from that byte;
+- any other error ends the transfer with an OSError naming the op and fd.
+Every op stays in the ledger until nothing more can arrive for it; only then does the engine let go
+of the buffer, pipe or mapping it used.
+"""
+import errno
+import mmap
+import os
+import select
+import socket
+
+from . import _lowlevel as ll
+from .errors import TransferCancelled, op_error
+from .ledger import Op
+from .transfer import QUEUED, RELEASED, SENT
+
+PAGE = mmap.PAGESIZE
+
+SEND_FLAGS = socket.MSG_WAITALL | socket.MSG_NOSIGNAL  # WAITALL: a short send breaks the link
+HEADER_FLAGS = SEND_FLAGS | socket.MSG_MORE             # header and body leave as one stream
+REPORT_USAGE = ll.IORING_SEND_ZC_REPORT_USAGE
+_RETRY = (-errno.ECANCELED, -errno.EINTR, -512, -errno.EAGAIN)  # -512: ERESTARTSYS from a cancel
+MAX_STALLS = 8  # chains in a row that moved no byte before the transfer gives up
+
+
+class Engine:
+    mode = None
+    window = 8  # chunks per chain
+
+    def __init__(self, ring, transfer, sock_fd, file_fd, start, end, header, owns_file):
+        self.ring = ring
+        self.t = transfer
+        self.sock = sock_fd
+        self.file = file_fd
+        self.pos = start
+        self.end = end
+        self.header = header
+        self.owns_file = owns_file
+        self.chain_left = 0   # results still due for the chain in flight
+        self.outstanding = 0  # ops not yet over (results or notifications still due)
+        self.cancelled = False
+        self.poll_first = False
+        self.stalls = 0
+        self._mark = None
+        self._last_res = 0
+
+    # ---- building ----------------------------------------------------------------------------
+    def pump(self):
+        """Submit the next chain, finish, or wait for a resource (a waiter list readies us)."""
+        t = self.t
+        if self.chain_left or t.done:
+            return
+        if t.error is not None or self.cancelled or (self.pos >= self.end and self._header_left() == 0):
+            self._finish()
+            return
+        if self.stalls >= MAX_STALLS:
+            t.error = op_error(self._last_res or -errno.EIO, f"{self.mode} transfer", self.sock)
+            self._finish()
+            return
+        ops = []
+        if self.poll_first:
+            ops.append(Op(self, ll.OP_POLL_ADD, self.sock, op_flags=select.POLLOUT, role="poll"))
+        left = self._header_left()
+        if left:
+            pin = ll.Pinned(self.header)
+            ops.append(Op(self, ll.OP_SEND, self.sock, addr=pin.address + t.header_sent, len=left,
+                          op_flags=HEADER_FLAGS if self.pos < self.end else SEND_FLAGS,
+                          role="header", keep=pin))
+        body = self._build(self.pos, self.end) if self.pos < self.end else []
+        if not body and not left:
+            return  # starved: a pool or budget will ready us
+        ops += body
+        self.poll_first = False
+        self.chain_left = len(ops)
+        self.outstanding += len(ops)
+        self._mark = (self.pos, t.header_sent)
+        self.ring._submit_chain(ops)
+
+    def _header_left(self):
+        return len(self.header) - self.t.header_sent
+
+    def _build(self, pos, end):
+        raise NotImplementedError
+
+    # ---- completions -------------------------------------------------------------------------
+    def _on_result(self, op, res, now):
+        self.chain_left -= 1
+        role = op.role
+        if res < 0:
+            self._last_res = res
+        if role == "send" or role == "header":
+            if res >= 0:
+                self._sent(op, res, now)
+            elif res == -errno.EAGAIN:
+                self.poll_first = True  # O_NONBLOCK socket under splice: wait for POLLOUT, retry
+            elif res not in _RETRY and not self._send_error(op, res):
+                self._fail(op, res, op.fd)
+        elif role == "fill":
+            if 0 <= res < op.len and os.fstat(self.file).st_size < op.offset + op.len:
+                self.end = min(self.end, op.offset + res)  # the file ended early
+            elif res < 0 and res not in _RETRY:
+                self._fail(op, res, self.file)
+        elif res < 0 and res not in _RETRY:
+            self._fail(op, res, op.fd)
+        if not op.awaiting_notif:
+            self._op_over(op)
+        if self.chain_left == 0:
+            self._chain_over()
+
+    def _sent(self, op, n, now):
+        t = self.t
+        if op.role == "header":
+            t.header_sent += n
+            offset = None
+        else:
+            self.pos = op.offset + n
+            t.sent += n
+            offset = op.offset
+        if not n:
+            return
+        if op.opcode == ll.OP_SPLICE:
+            t._event(QUEUED, offset, n, None, now)
+        else:
+            t._event(SENT, offset, n, None, now)
+            if op.opcode == ll.OP_SEND:
+                t._event(RELEASED, offset, n, True, now)  # a copying send is done with the memory
+
+    def _on_release(self, op, copied, now):
+        if op.res is not None and op.res > 0:
+            self.t._event(RELEASED, op.offset if op.role == "send" else None, op.res, copied, now)
+        self._op_over(op)
+
+    def _send_error(self, op, res):
+        """Mode-specific recovery for a failed send; True when handled."""
+        return False
+
+    def _fail(self, op, res, fd):
+        if self.t.error is None:
+            self.t.error = op_error(res, op.name.lower(), fd)
+
+    def _chain_over(self):
+        if self._mark == (self.pos, self.t.header_sent) and self.pos < self.end and not self.poll_first:
+            self.stalls += 1
+        else:
+            self.stalls = 0
+        self.ring._ready(self)
+
+    def _op_over(self, op):
+        self.outstanding -= 1
+        self._let_go(op)
+        if self.t.done:
+            self._maybe_settle()
+
+    def _let_go(self, op):
+        if op.role == "header":
+            op.keep.unpin()
+
+    # ---- ending ------------------------------------------------------------------------------
+    def cancel(self):
+        self.cancelled = True
+        self.ring._cancel_ops(self)
+        if self.chain_left == 0:
+            self.ring._ready(self)
+
+    def _withdrawn(self, ops):
+        """Ops that were queued in user space and never submitted."""
+        for op in ops:
+            self.chain_left -= 1
+            self._op_over(op)
+        if self.chain_left == 0:
+            self.ring._ready(self)
+
+    def _finish(self):
+        t = self.t
+        if self.cancelled and t.error is None and (self.pos < self.end or self._header_left()):
+            t.error = TransferCancelled(f"transfer cancelled after {t.sent} of {t.count} bytes")
+        t.done = True
+        self._maybe_settle()
+
+    def _maybe_settle(self):
+        if self.outstanding or self.t.settled:
+            return
+        self._teardown()
+        if self.owns_file:
+            os.close(self.file)
+        self.t.settled = True
+        self.ring._settled(self)
+
+    def _teardown(self):
+        pass
+
+
+class SpliceEngine(Engine):
+    """SPLICE(file -> pipe) linked to SPLICE(pipe -> socket), never more than the pipe holds."""
+
+    mode = "splice"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.pipe = None
+
+    def _build(self, pos, end):
+        if self.pipe is None:
+            self.pipe = self.ring.pipes.acquire()
+        pipe = self.pipe
+        ops = []
+        for _ in range(self.window):
+            if pos >= end:
+                break
+            # A pipe holds capacity/PAGE pages: a chunk from an unaligned offset ends on a page
+            # boundary, or it would span one page more than the pipe has slots for.
+            n = min(pipe.capacity - pos % PAGE, end - pos)
+            ops.append(Op(self, ll.OP_SPLICE, pipe.w, fd_in=self.file, off_in=pos, off=-1, len=n,
+                          role="fill", offset=pos))
+            ops.append(Op(self, ll.OP_SPLICE, self.sock, fd_in=pipe.r, off_in=-1, off=-1, len=n,
+                          role="send", offset=pos))
+            pos += n
+        return ops
+
+    def _chain_over(self):
+        if self.pipe is not None and self.pipe.pending():
+            self.t.stranded += self.pipe.drain()  # a broken chain left bytes behind: resend from file
+        super()._chain_over()
+
+    def _teardown(self):
+        if self.pipe is not None:
+            self.ring.pipes.give_back(self.pipe)
+            self.pipe = None
+
+
+class ZeroCopyEngine(Engine):
+    """READ_FIXED into a registered buffer linked to SEND_ZC_FIXED from it: the peer gets a
+    snapshot, and the buffer returns to the pool only on its notification."""
+
+    mode = "zerocopy"
+
+    def _build(self, pos, end):
+        pool = self.ring._buffer_pool()
+        ops = []
+        for _ in range(self.window):
+            if pos >= end:
+                break
+            index = pool.acquire(self)
+            if index is None:
+                break
+            pool.hold(index)  # one reference for the read, one for the send
+            n = min(pool.size, end - pos)
+            addr = pool.address(index)
+            ops.append(Op(self, ll.OP_READ_FIXED, self.file, addr=addr, len=n, off=pos,
+                          buf_index=index, role="fill", offset=pos, keep=index))
+            ops.append(Op(self, ll.OP_SEND_ZC_FIXED, self.sock, addr=addr, len=n, op_flags=SEND_FLAGS,
+                          zc_flags=REPORT_USAGE, buf_index=index, role="send", offset=pos, keep=index))
+            pos += n
+        return ops
+
+    def _let_go(self, op):
+        if op.role == "header":
+            op.keep.unpin()
+        else:
+            self.ring._let_go_buffer(op.keep)
+
+
+class MapEngine(Engine):
+    """SEND_ZC (mode 'mmap') or SEND (mode 'copy') straight from a shared read-only mapping.
+
+    For 'mmap', RELEASED for a range means the kernel no longer references those page-cache pages:
+    the caller may modify that range of the file. Pinned pages count against RLIMIT_MEMLOCK, so the
+    ring bounds the bytes awaiting release; -ENOMEM under auto falls back to copying sends.
+    """
+
+    def __init__(self, ring, transfer, sock_fd, file_fd, start, end, header, owns_file, zerocopy, auto):
+        super().__init__(ring, transfer, sock_fd, file_fd, start, end, header, owns_file)
+        self.zc = zerocopy
+        self.auto = auto
+        self.mode = "mmap" if zerocopy else "copy"
+        self.chunk = ring.chunk_size if zerocopy else ring.copy_chunk_size
+        self.map_start = start - start % mmap.ALLOCATIONGRANULARITY
+        self.map = None
+        self.pin = None
+        self.pinned_ops = 0
+        if end > start:
+            self.map = mmap.mmap(file_fd, end - self.map_start, mmap.MAP_SHARED, mmap.PROT_READ,
+                                 offset=self.map_start)
+            self.pin = ll.Pinned(self.map)
+
+    def _build(self, pos, end):
+        ops = []
+        base = self.pin.address - self.map_start
+        for _ in range(self.window):
+            if pos >= end:
+                break
+            n = min(self.chunk, end - pos)
+            if self.zc:
+                if not self.ring._reserve_zc(self, n):
+                    break
+                ops.append(Op(self, ll.OP_SEND_ZC, self.sock, addr=base + pos, len=n, op_flags=SEND_FLAGS,
+                              zc_flags=REPORT_USAGE, role="send", offset=pos))
+            else:
+                ops.append(Op(self, ll.OP_SEND, self.sock, addr=base + pos, len=n, op_flags=SEND_FLAGS,
+                              role="send", offset=pos))
+            pos += n
+        return ops
+
+    def _send_error(self, op, res):
+        if res == -errno.EFAULT:
+            size = os.fstat(self.file).st_size
+            if size < self.end:  # truncated under the mapping: the rest of the file is gone
+                self.end = max(self.pos, size)
+                return True
+        if res == -errno.ENOMEM and op.zerocopy and self.auto:
+            self.zc = False
+            self.mode = "copy"
+            self.chunk = self.ring.copy_chunk_size
+            self.t.fallback = "SEND_ZC failed with ENOMEM (RLIMIT_MEMLOCK): copying sends instead"
+            self.t.mode = "copy"
+            return True
+        return False
+
+    def _let_go(self, op):
+        if op.role == "header":
+            op.keep.unpin()
+        elif op.zerocopy:
+            self.ring._unreserve_zc(op.len)
+
+    def _teardown(self):
+        if self.map is not None:
+            self.pin.unpin()
+            self.map.close()
+            self.map = None

@@ -1,0 +1,141 @@
+"""Bounded pools: registered buffers for zero-copy sends, and pipes for splice chains."""
+import array
+import fcntl
+import mmap
+import os
+import termios
+
+from ._lowlevel import Pinned
+
+PAGE = mmap.PAGESIZE
+
+
+def pipe_max_size():
+    try:
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            return int(f.read())
+    except OSError:
+        return 1 << 20
+
+
+class BufferPool:
+    """``count`` page-aligned buffers of ``size`` bytes in one anonymous mapping, registered with
+    the ring as fixed buffers 0..count-1. A buffer comes back only when its last user lets go."""
+
+    def __init__(self, raw_ring, count, size):
+        if count < 1 or size < PAGE or size % PAGE:
+            raise ValueError(f"buffers must be >= 1 and buffer_size a multiple of {PAGE}")
+        self.count = count
+        self.size = size
+        self._map = mmap.mmap(-1, count * size)
+        self._pin = Pinned(self._map)
+        raw_ring.register_buffers([(self._pin.address + i * size, size) for i in range(count)])
+        self._free = list(range(count - 1, -1, -1))
+        self._refs = [0] * count
+        self.waiters = []
+
+    def address(self, index):
+        return self._pin.address + index * self.size
+
+    def view(self, index):
+        return memoryview(self._map)[index * self.size:(index + 1) * self.size]
+
+    @property
+    def free(self):
+        return len(self._free)
+
+    def acquire(self, waiter):
+        """A free buffer index holding one reference, or None (``waiter`` is readied on a return)."""
+        if not self._free:
+            if waiter not in self.waiters:
+                self.waiters.append(waiter)
+            return None
+        index = self._free.pop()
+        self._refs[index] = 1
+        return index
+
+    def hold(self, index):
+        self._refs[index] += 1
+
+    def let_go(self, index):
+        self._refs[index] -= 1
+        if self._refs[index] == 0:
+            self._free.append(index)
+        elif self._refs[index] < 0:
+            raise AssertionError(f"buffer {index} let go more often than held")
+
+    def take_waiters(self):
+        waiters, self.waiters = self.waiters, []
+        return waiters
+
+    def close(self):
+        """Unmap; only when no buffer is held (the ring is gone or everything was released)."""
+        self._pin.unpin()
+        self._map.close()
+
+
+class Pipe:
+    __slots__ = ("r", "w", "capacity")
+
+    def __init__(self, size):
+        self.r, self.w = os.pipe2(os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(self.w, fcntl.F_SETPIPE_SZ, size)
+        except OSError:
+            pass  # EPERM past pipe-max-size or pipe-user-pages limits: keep what the kernel gave
+        self.capacity = fcntl.fcntl(self.w, fcntl.F_GETPIPE_SZ)
+
+    def pending(self):
+        """Bytes sitting in the pipe (FIONREAD)."""
+        buf = array.array("i", [0])
+        fcntl.ioctl(self.r, termios.FIONREAD, buf, True)
+        return buf[0]
+
+    def drain(self):
+        """Read out and discard whatever is in the pipe; returns the byte count."""
+        total = 0
+        n = self.pending()
+        while n:
+            total += len(os.read(self.r, n))
+            n = self.pending()
+        return total
+
+    def close(self):
+        os.close(self.r)
+        os.close(self.w)
+
+
+class PipePool:
+    """Pipes are pooled, not made per transfer: past pipe-user-pages-soft new pipes shrink to 8 KiB."""
+
+    def __init__(self, size=None, keep=16):
+        self.size = min(size or (1 << 20), pipe_max_size())
+        self.keep = keep
+        self._idle = []
+        self.created = 0
+
+    def acquire(self):
+        if self._idle:
+            return self._idle.pop()
+        self.created += 1
+        return Pipe(self.size)
+
+    def give_back(self, pipe):
+        """Return an empty pipe; a pipe that cannot be emptied is closed instead."""
+        try:
+            pipe.drain()
+        except OSError:
+            pipe.close()
+            return
+        if len(self._idle) < self.keep:
+            self._idle.append(pipe)
+        else:
+            pipe.close()
+
+    @property
+    def idle(self):
+        return len(self._idle)
+
+    def close(self):
+        while self._idle:
+            self._idle.pop().close()

@@ -1,0 +1,425 @@
+"""Ring: one io_uring, its ledger, the chains waiting for SQ room, and the transfers it drives.
+
+Submission and reaping happen only on the thread that created the ring: io_uring requests belong
+to the submitting task (its io-wq splices are cancelled when it exits), and the ring is set up with
+SINGLE_ISSUER|DEFER_TASKRUN where the kernel accepts them, which makes that a rule.
+"""
+import collections
+import errno
+import os
+import stat
+import threading
+import time
+import warnings
+
+from . import _lowlevel as ll
+from .engines import MapEngine, SpliceEngine, ZeroCopyEngine
+from .errors import IoUringUnavailable, RingOwnerError
+from .ledger import Ledger, Op
+from .pools import BufferPool, PipePool
+from .transfer import Transfer
+
+MODES = ("auto", "splice", "zerocopy", "mmap", "copy")
+_F = ll.SETUP_FLAGS
+SETUP_ATTEMPTS = (
+    _F["SUBMIT_ALL"] | _F["SINGLE_ISSUER"] | _F["DEFER_TASKRUN"],
+    _F["SUBMIT_ALL"] | _F["COOP_TASKRUN"],
+    0,
+)
+# Objects the kernel may still reference after their ring was closed (notifications pending at
+# close): kept alive for the life of the process rather than freed or reused.
+_kept_alive = []
+
+
+class _Canceller:
+    """Owner of ASYNC_CANCEL ops: their results (0, -ENOENT, -EALREADY) need no action."""
+
+    def _on_result(self, op, res, now):
+        pass
+
+    def _on_release(self, op, copied, now):
+        pass
+
+
+class Ring:
+    """One io_uring driving many transfers from one thread.
+
+    ``buffers`` x ``buffer_size`` is the registered pool used by mode 'zerocopy' (registered on
+    first use); ``chunk_size`` is the release granularity of 'mmap'; ``zc_budget`` bounds the bytes
+    sent zero-copy from mappings and not yet released (pinned pages count against RLIMIT_MEMLOCK).
+    ``close_timeout`` bounds how long ``close()`` waits for outstanding notifications.
+    """
+
+    def __init__(self, entries=256, *, cq_entries=0, buffers=16, buffer_size=256 << 10,
+                 chunk_size=256 << 10, copy_chunk_size=1 << 20, pipe_size=None, zc_budget=None,
+                 max_workers=32, close_timeout=5.0, setup_flags=None, trace=False):
+        if not isinstance(entries, int) or not 1 <= entries <= 32768:
+            raise ValueError(f"entries must be an int in 1..32768, not {entries!r}")
+        for name, value in (("chunk_size", chunk_size), ("copy_chunk_size", copy_chunk_size),
+                            ("buffer_size", buffer_size)):
+            if not isinstance(value, int) or not 4096 <= value <= (1 << 30):
+                raise ValueError(f"{name} must be an int in 4096..2**30, not {value!r}")
+        self._owner = threading.get_ident()
+        self._pid = os.getpid()
+        self._raw = None
+        attempts = SETUP_ATTEMPTS if setup_flags is None else (setup_flags,)
+        err = None
+        for flags in attempts:
+            try:
+                self._raw = ll.RawRing(entries, flags, cq_entries)
+                break
+            except OSError as exc:
+                err = exc
+                if exc.errno in (errno.ENOSYS, errno.EPERM):
+                    raise IoUringUnavailable(exc.errno) from None
+        if self._raw is None:
+            raise err
+        self.setup_flags = [name for name, bit in _F.items() if self._raw.flags & bit]
+        self.ledger = Ledger()
+        if trace:
+            self.ledger.trace = []
+        self.pipes = PipePool(pipe_size)
+        self._buffers_spec = (buffers, buffer_size)
+        self._pool = None
+        self.chunk_size = chunk_size
+        self.copy_chunk_size = copy_chunk_size
+        self.zc_budget = zc_budget if zc_budget is not None else 64 << 20
+        self._zc_pending = 0
+        self._zc_waiters = []
+        self.close_timeout = close_timeout
+        self._backlog = collections.deque()
+        self._ready_list = []
+        self._engines = set()   # not settled yet
+        self._canceller = _Canceller()
+        self.transfers_started = 0
+        self.kept_alive = 0
+        if max_workers:
+            try:
+                self._raw.set_iowq_max_workers(max_workers, max_workers)
+            except OSError:
+                pass  # older kernels: io-wq stays unbounded
+
+    # ---- context manager ---------------------------------------------------------------------
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def closed(self):
+        return self._raw is None
+
+    @property
+    def sq_entries(self):
+        return self._raw.sq_entries
+
+    @property
+    def cq_entries(self):
+        return self._raw.cq_entries
+
+    @property
+    def fd(self):
+        return self._raw.fd
+
+    def _check_owner(self):
+        if self._raw is None:
+            raise ValueError("the ring is closed")
+        if os.getpid() != self._pid:
+            raise RingOwnerError(f"this ring belongs to process {self._pid}; io_uring requests "
+                                 "cannot be submitted from a forked child: create a new Ring there")
+        if threading.get_ident() != self._owner:
+            raise RingOwnerError("a Ring is driven only by the thread that created it (io_uring "
+                                 "requests belong to the submitting thread); create one per thread")
+
+    # ---- public API --------------------------------------------------------------------------
+    def sendfile(self, sock, file, offset=0, count=None, *, mode="auto", header=b"", on_release=None):
+        """Start sending ``count`` bytes (None: to EOF) of ``file`` from ``offset`` to ``sock``.
+
+        Returns a Transfer at once. ``sock``: a connected stream socket or its fd. ``file``: a file
+        object, fd or path (opened and closed by the transfer). ``header``: bytes sent first, as one
+        stream with the body. ``on_release(event)`` is called for each released chunk.
+        """
+        self._check_owner()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        if not isinstance(header, (bytes, bytearray, memoryview)):
+            raise TypeError(f"header must be bytes, not {type(header).__name__}")
+        if on_release is not None and not callable(on_release):
+            raise TypeError("on_release must be callable")
+        offset = _nonneg("offset", offset)
+        if count is not None:
+            count = _nonneg("count", count)
+        sock_fd = _sock_fd(sock)
+        file_fd, owns = _file_fd(file)
+        try:
+            size = _regular_size(file_fd, file)
+            if offset > size:
+                raise ValueError(f"offset {offset} is past the end of the file ({size} bytes)")
+            end = size if count is None else min(size, offset + count)
+            chosen = self._choose(mode, end - offset)
+            transfer = Transfer(self, chosen, sock_fd, file_fd, offset,
+                                count if count is not None else end - offset, len(header), on_release)
+            header = bytes(header)
+            args = (self, transfer, sock_fd, file_fd, offset, end, header, owns)
+            if chosen == "splice":
+                engine = SpliceEngine(*args)
+            elif chosen == "zerocopy":
+                engine = ZeroCopyEngine(*args)
+            else:
+                engine = MapEngine(*args, zerocopy=(chosen == "mmap"), auto=(mode == "auto"))
+        except BaseException:
+            if owns:
+                os.close(file_fd)
+            raise
+        transfer._cancel = engine.cancel
+        self._engines.add(engine)
+        self.transfers_started += 1
+        engine.pump()
+        self._flush()
+        return transfer
+
+    def poll(self, timeout=0):
+        """Submit what is queued, reap what has completed (waiting up to ``timeout`` seconds for
+        at least one completion; None waits without limit). Returns the number of CQEs handled."""
+        self._check_owner()
+        self._flush()
+        ns = -1 if timeout is None else max(0, int(timeout * 1e9))
+        cqes = self._raw.reap(1 if ns != 0 else 0, ns)
+        if cqes:
+            self._dispatch(cqes)
+        return len(cqes)
+
+    def wait(self, transfers, timeout=None, released=False):
+        """Drive the ring until every transfer is done (``released``: and settled)."""
+        transfers = list(transfers)
+        if released:
+            self._drive(lambda: all(t.settled for t in transfers), timeout)
+        else:
+            self._drive(lambda: all(t.done for t in transfers), timeout)
+
+    def run_until_complete(self, timeout=None):
+        """Drive until every transfer on this ring is done and everything it used is released."""
+        self._drive(lambda: not self._engines, timeout)
+
+    def statistics(self):
+        pool = self._pool
+        return {
+            "setup_flags": self.setup_flags,
+            "sq_entries": self._raw.sq_entries if self._raw else 0,
+            "cq_entries": self._raw.cq_entries if self._raw else 0,
+            "transfers_started": self.transfers_started,
+            "transfers_active": len(self._engines),
+            "pending_ops": len(self.ledger.awaiting_result()),
+            "pending_notifs": self.ledger.pending_notifs,
+            "queued_chains": len(self._backlog),
+            "completions": self.ledger.completed,
+            "notifs": self.ledger.notifs,
+            "copied": self.ledger.copied,
+            "zerocopy": self.ledger.zerocopy,
+            "orphan_cqes": self.ledger.orphans,
+            "zc_bytes_unreleased": self._zc_pending,
+            "buffers_total": pool.count if pool else 0,
+            "buffers_free": pool.free if pool else 0,
+            "pipes_created": self.pipes.created,
+            "pipes_idle": self.pipes.idle,
+            "kept_alive": self.kept_alive,
+        }
+
+    def close(self, timeout=None):
+        """Cancel what is running, wait (at most ``timeout``, default ``close_timeout``) for every
+        outstanding completion and notification, then tear down. Memory the kernel may still
+        reference when time runs out is kept alive for the life of the process, never freed."""
+        if self._raw is None:
+            return
+        if os.getpid() != self._pid:
+            self._raw = None  # a forked child's copy: the parent owns the kernel side
+            return
+        self._check_owner()
+        timeout = self.close_timeout if timeout is None else timeout
+        for engine in list(self._engines):
+            if not engine.t.done:
+                engine.cancel()
+        try:
+            self._drive(lambda: not self._engines and not len(self.ledger), timeout)
+        except TimeoutError:
+            pass
+        held = self.ledger.ops()
+        if held:
+            warnings.warn(f"uringsend: ring closed with {len(held)} operations still referencing "
+                          "memory; keeping that memory alive", ResourceWarning, stacklevel=2)
+            self.kept_alive = len(held)
+            _kept_alive.append((held, self._pool, list(self._engines)))
+        self._raw.close()
+        self._raw = None
+        if not held and self._pool is not None:
+            self._pool.close()
+        self.pipes.close()
+        for engine in list(self._engines):
+            if not held:
+                engine._maybe_settle()
+
+    def __del__(self):
+        if getattr(self, "_raw", None) is not None and os.getpid() == self._pid:
+            if len(self.ledger):
+                _kept_alive.append((self.ledger.ops(), self._pool, list(self._engines)))
+            self._raw.close()
+            self._raw = None
+
+    # ---- engine side -------------------------------------------------------------------------
+    def _choose(self, mode, nbytes):
+        if mode != "auto":
+            return mode
+        return "copy"
+
+    def _buffer_pool(self):
+        if self._pool is None:
+            self._pool = BufferPool(self._raw, *self._buffers_spec)
+        return self._pool
+
+    def _let_go_buffer(self, index):
+        pool = self._pool
+        pool.let_go(index)
+        if pool.waiters and pool.free:
+            for engine in pool.take_waiters():
+                self._ready(engine)
+
+    def _reserve_zc(self, engine, n):
+        if self._zc_pending and self._zc_pending + n > self.zc_budget:
+            if engine not in self._zc_waiters:
+                self._zc_waiters.append(engine)
+            return False
+        self._zc_pending += n
+        return True
+
+    def _unreserve_zc(self, n):
+        self._zc_pending -= n
+        if self._zc_waiters:
+            waiters, self._zc_waiters = self._zc_waiters, []
+            for engine in waiters:
+                self._ready(engine)
+
+    def _ready(self, engine):
+        self._ready_list.append(engine)
+
+    def _settled(self, engine):
+        self._engines.discard(engine)
+
+    def _submit_chain(self, ops):
+        if len(ops) > self._raw.sq_entries:
+            raise ValueError(f"a chain of {len(ops)} ops cannot fit a ring of {self._raw.sq_entries} entries")
+        self._backlog.append(ops)
+
+    def _cancel_ops(self, engine):
+        """Cancel an engine's ops: queued ones are withdrawn, submitted ones get ASYNC_CANCEL."""
+        keep = collections.deque()
+        withdrawn = []
+        for chain in self._backlog:
+            (withdrawn.extend(chain) if chain[0].owner is engine else keep.append(chain))
+        self._backlog = keep
+        if withdrawn:
+            engine._withdrawn(withdrawn)
+        for op in self.ledger.awaiting_result():
+            if op.owner is engine:
+                self._backlog.append([Op(self._canceller, ll.OP_ASYNC_CANCEL, -1, addr=op.user_data,
+                                         role="cancel")])
+        self._flush()
+
+    def _flush(self):
+        """Submit queued chains, whole chains only, as many as the SQ holds each round."""
+        raw = self._raw
+        backlog = self._backlog
+        ledger = self.ledger
+        link = ll.IOSQE_IO_LINK
+        while backlog:
+            space = raw.sq_space()
+            fields = []
+            while backlog and len(fields) + len(backlog[0]) <= space:
+                chain = backlog.popleft()
+                last = len(chain) - 1
+                for i, op in enumerate(chain):
+                    ledger.add(op)
+                    fields.append(op.fields(link if i < last else 0))
+            if not fields:
+                break
+            raw.prep(fields)
+            raw.submit()
+
+    def _dispatch(self, cqes):
+        self.ledger.dispatch(cqes, time.perf_counter_ns())
+        self._pump_ready()
+
+    def _pump_ready(self):
+        while self._ready_list:
+            ready, self._ready_list = self._ready_list, []
+            for engine in ready:
+                engine.pump()
+
+    def _drive(self, until, timeout):
+        self._check_owner()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        raw = self._raw
+        while True:
+            self._pump_ready()
+            self._flush()
+            if until():
+                return
+            if not len(self.ledger):
+                raise RuntimeError("uringsend: nothing is in flight, yet the wait cannot end "
+                                   f"({self.statistics()})")
+            if deadline is None:
+                ns = -1
+            else:
+                ns = int((deadline - time.monotonic()) * 1e9)
+                if ns <= 0:
+                    raise TimeoutError("uringsend: timed out waiting for completions")
+            try:
+                cqes = raw.reap(1, ns)
+            except InterruptedError:
+                continue  # a signal: its Python handler runs here; then keep waiting
+            if cqes:
+                self.ledger.dispatch(cqes, time.perf_counter_ns())
+
+
+def _nonneg(name, value):
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, not {value}")
+    return value
+
+
+def _sock_fd(sock):
+    fd = sock if isinstance(sock, int) else getattr(sock, "fileno", lambda: None)()
+    if not isinstance(fd, int) or isinstance(fd, bool):
+        raise TypeError(f"sock must be a socket or a file descriptor, not {type(sock).__name__}")
+    if fd < 0:
+        raise OSError(errno.EBADF, f"sendfile: socket fd {fd}: {os.strerror(errno.EBADF)}")
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise OSError(exc.errno, f"sendfile: socket fd {fd}: {os.strerror(exc.errno)}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.ENOTSOCK, f"sendfile: fd {fd} is not a socket")
+    return fd
+
+
+def _file_fd(file):
+    if isinstance(file, (str, bytes, os.PathLike)):
+        return os.open(file, os.O_RDONLY | os.O_CLOEXEC), True
+    fd = file if isinstance(file, int) else getattr(file, "fileno", lambda: None)()
+    if not isinstance(fd, int) or isinstance(fd, bool):
+        raise TypeError(f"file must be a path, a file object or a file descriptor, not {type(file).__name__}")
+    return fd, False
+
+
+def _regular_size(fd, file):
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise OSError(exc.errno, f"sendfile: file fd {fd}: {os.strerror(exc.errno)}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, f"sendfile: {file!r} is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EINVAL, f"sendfile: fd {fd} is not a regular file")
+    return st.st_size
