@@ -202,6 +202,11 @@ class Ring:
         """Drive until every transfer on this ring is done and everything it used is released."""
         self._drive(lambda: not self._engines, timeout)
 
+    def register_eventfd(self, fd):
+        """Have the kernel signal eventfd ``fd`` when completions are ready (for event loops)."""
+        self._check_owner()
+        self._raw.register_eventfd(fd)
+
     def statistics(self):
         pool = self._pool
         return {
