@@ -2,7 +2,6 @@
 
 Everything above this module sees plain Python ints, tuples and exceptions.
 """
-import errno
 import os
 import struct
 
@@ -180,6 +179,22 @@ class Pinned:
             self._cdata = None
 
 
-def is_eintr(res):
-    """-EINTR, -ERESTARTSYS (512) leaking out of a cancelled splice, and -ECANCELED are alike."""
-    return res in (-errno.EINTR, -512, -errno.ECANCELED)
+class FileMapping:
+    """A read-only shared mapping of ``length`` bytes of ``fd`` from ``offset`` (page aligned).
+
+    Holds no file descriptor. ``unmap()`` only when the kernel references none of its pages.
+    """
+
+    __slots__ = ("address", "length")
+
+    def __init__(self, fd, length, offset):
+        err = ffi.new("int *")
+        self.address = lib.us_map_file(fd, length, offset, err)
+        self.length = length
+        if err[0]:
+            raise OSError(-err[0], f"mmap of fd {fd} ({length} bytes at {offset}): {os.strerror(-err[0])}")
+
+    def unmap(self):
+        if self.address:
+            _check(lib.us_unmap(self.address, self.length), "munmap")
+            self.address = 0

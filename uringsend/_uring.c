@@ -2,6 +2,7 @@
 #include <errno.h>
 #include <string.h>
 #include <time.h>
+#include <sys/mman.h>
 #include <liburing.h>
 
 /* Newer than liburing 2.3's headers; values from the kernel UAPI. */
@@ -203,4 +204,22 @@ int us_probe_ops(unsigned char *supported, unsigned n)
         supported[i] = io_uring_opcode_supported(probe, (int)i) ? 1 : 0;
     io_uring_free_probe(probe);
     return (int)n;
+}
+
+/* A shared read-only mapping of a file range; returns its address, or 0 with -errno in *err.
+ * Done here rather than with Python's mmap, which keeps a duplicate of the fd for its lifetime. */
+uint64_t us_map_file(int fd, uint64_t length, int64_t offset, int *err)
+{
+    void *p = mmap(NULL, length, PROT_READ, MAP_SHARED, fd, offset);
+    if (p == MAP_FAILED) {
+        *err = -errno;
+        return 0;
+    }
+    *err = 0;
+    return (uint64_t)(uintptr_t)p;
+}
+
+int us_unmap(uint64_t addr, uint64_t length)
+{
+    return munmap((void *)(uintptr_t)addr, length) ? -errno : 0;
 }

@@ -65,3 +65,5 @@ int io_uring_register_eventfd(struct io_uring *ring, int fd);
 int io_uring_register_iowq_max_workers(struct io_uring *ring, unsigned int *values);
 int us_probe_ops(unsigned char *supported, unsigned n);
 int us_ring_fd(struct io_uring *ring);
+uint64_t us_map_file(int fd, uint64_t length, int64_t offset, int *err);
+int us_unmap(uint64_t addr, uint64_t length);

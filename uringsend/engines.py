@@ -281,17 +281,11 @@ class MapEngine(Engine):
         self.mode = "mmap" if zerocopy else "copy"
         self.chunk = ring.chunk_size if zerocopy else ring.copy_chunk_size
         self.map_start = start - start % mmap.ALLOCATIONGRANULARITY
-        self.map = None
-        self.pin = None
-        self.pinned_ops = 0
-        if end > start:
-            self.map = mmap.mmap(file_fd, end - self.map_start, mmap.MAP_SHARED, mmap.PROT_READ,
-                                 offset=self.map_start)
-            self.pin = ll.Pinned(self.map)
+        self.map = ll.FileMapping(file_fd, end - self.map_start, self.map_start) if end > start else None
 
     def _build(self, pos, end):
         ops = []
-        base = self.pin.address - self.map_start
+        base = self.map.address - self.map_start
         for _ in range(self.window):
             if pos >= end:
                 break
@@ -330,6 +324,5 @@ class MapEngine(Engine):
 
     def _teardown(self):
         if self.map is not None:
-            self.pin.unpin()
-            self.map.close()
+            self.map.unmap()
             self.map = None
