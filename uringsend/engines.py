@@ -187,13 +187,18 @@ class Engine:
         if self.outstanding or self.t.settled:
             return
         self._teardown()
-        if self.owns_file:
-            os.close(self.file)
+        self.drop_fds()
         self.t.settled = True
         self.ring._settled(self)
 
     def _teardown(self):
         pass
+
+    def drop_fds(self):
+        """Close the fds this engine owns (its ring is gone, so no request can still use them)."""
+        if self.owns_file:
+            self.owns_file = False
+            os.close(self.file)
 
 
 class SpliceEngine(Engine):
@@ -231,6 +236,12 @@ class SpliceEngine(Engine):
     def _teardown(self):
         if self.pipe is not None:
             self.ring.pipes.give_back(self.pipe)
+            self.pipe = None
+
+    def drop_fds(self):
+        super().drop_fds()
+        if self.pipe is not None:
+            self.pipe.close()
             self.pipe = None
 
 

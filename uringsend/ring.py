@@ -260,9 +260,10 @@ class Ring:
         if not held and self._pool is not None:
             self._pool.close()
         self.pipes.close()
-        for engine in list(self._engines):
-            if not held:
-                engine._maybe_settle()
+        for engine in self._engines:
+            # The ring's teardown cancels its requests, so no op can pick up a file by fd any
+            # more; kept memory does not need the fd.
+            engine.drop_fds()
 
     def __del__(self):
         if getattr(self, "_raw", None) is not None and os.getpid() == self._pid:
