@@ -6,6 +6,7 @@ SINGLE_ISSUER|DEFER_TASKRUN where the kernel accepts them, which makes that a ru
 """
 import collections
 import errno
+import functools
 import os
 import stat
 import threading
@@ -13,7 +14,7 @@ import time
 import warnings
 
 from . import _lowlevel as ll
-from .engines import MapEngine, SpliceEngine, ZeroCopyEngine
+from .engines import MapEngine, SpliceEngine, TeeEngine, ZeroCopyEngine
 from .errors import IoUringUnavailable, RingOwnerError
 from .ledger import Ledger, Op
 from .pools import BufferPool, PipePool
@@ -179,6 +180,41 @@ class Ring:
         self._flush()
         return transfer
 
+    def tee(self, file, socks, offset=0, count=None):
+        """Send the same file range to every socket in ``socks``, reading the page cache once per
+        chunk (IORING_OP_TEE into a pipe per socket). Returns one Transfer per socket, in order.
+        Like mode 'splice', the sockets get the pages by reference: events are 'queued' only."""
+        self._check_owner()
+        socks = list(socks)
+        if not socks:
+            raise ValueError("tee needs at least one socket")
+        offset = _nonneg("offset", offset)
+        if count is not None:
+            count = _nonneg("count", count)
+        sock_fds = [_sock_fd(s) for s in socks]
+        if len(set(sock_fds)) != len(sock_fds):
+            raise ValueError("tee: the same socket appears twice")
+        file_fd, owns = _file_fd(file)
+        try:
+            size = _regular_size(file_fd, file)
+            if offset > size:
+                raise ValueError(f"offset {offset} is past the end of the file ({size} bytes)")
+            end = size if count is None else min(size, offset + count)
+            planned = count if count is not None else end - offset
+            transfers = [Transfer(self, "splice", fd, file_fd, offset, planned, 0) for fd in sock_fds]
+            engine = TeeEngine(self, transfers, sock_fds, file_fd, offset, end, owns)
+        except BaseException:
+            if owns:
+                os.close(file_fd)
+            raise
+        for i, t in enumerate(transfers):
+            t._cancel = functools.partial(engine.cancel_dest, i)
+        self._engines.add(engine)
+        self.transfers_started += len(transfers)
+        engine.pump()
+        self._flush()
+        return transfers
+
     def poll(self, timeout=0):
         """Submit what is queued, reap what has completed (waiting up to ``timeout`` seconds for
         at least one completion; None waits without limit). Returns the number of CQEs handled."""
@@ -243,7 +279,7 @@ class Ring:
         self._check_owner()
         timeout = self.close_timeout if timeout is None else timeout
         for engine in list(self._engines):
-            if not engine.t.done:
+            if not engine.done:
                 engine.cancel()
         try:
             self._drive(lambda: not self._engines and not len(self.ledger), timeout)
@@ -316,17 +352,19 @@ class Ring:
             raise ValueError(f"a chain of {len(ops)} ops cannot fit a ring of {self._raw.sq_entries} entries")
         self._backlog.append(ops)
 
-    def _cancel_ops(self, engine):
-        """Cancel an engine's ops: queued ones are withdrawn, submitted ones get ASYNC_CANCEL."""
+    def _cancel_ops(self, engine, which=None):
+        """Cancel an engine's ops (those ``which(op)`` picks, default all): queued chains are
+        withdrawn whole, submitted ops get ASYNC_CANCEL (a cancelled link member breaks its chain)."""
         keep = collections.deque()
         withdrawn = []
         for chain in self._backlog:
-            (withdrawn.extend(chain) if chain[0].owner is engine else keep.append(chain))
+            mine = chain[0].owner is engine and (which is None or any(which(op) for op in chain))
+            (withdrawn.extend(chain) if mine else keep.append(chain))
         self._backlog = keep
         if withdrawn:
             engine._withdrawn(withdrawn)
         for op in self.ledger.awaiting_result():
-            if op.owner is engine:
+            if op.owner is engine and (which is None or which(op)):
                 self._backlog.append([Op(self._canceller, ll.OP_ASYNC_CANCEL, -1, addr=op.user_data,
                                          role="cancel")])
         self._flush()
