@@ -122,7 +122,9 @@ class RawRing:
         return _check(lib.us_prep(self._ring, self._ops, n), "prepare SQEs")
 
     def submit(self):
-        return _check(lib.io_uring_submit(self._ring), "io_uring_enter(submit)")
+        # GETEVENTS too: with DEFER_TASKRUN, the next member of a link is issued from task work
+        # that runs only when we enter with GETEVENTS; a plain submit would leave it parked.
+        return _check(lib.io_uring_submit_and_get_events(self._ring), "io_uring_enter(submit)")
 
     def reap(self, wait_nr=0, timeout_ns=-1):
         """Up to one batch of CQEs as (user_data, res, flags); [] on timeout.

@@ -57,7 +57,7 @@ unsigned us_sq_entries(struct io_uring *ring);
 unsigned us_cq_entries(struct io_uring *ring);
 unsigned io_uring_sq_space_left(const struct io_uring *ring);
 int us_prep(struct io_uring *ring, const struct us_op *ops, unsigned n);
-int io_uring_submit(struct io_uring *ring);
+int io_uring_submit_and_get_events(struct io_uring *ring);
 int us_reap(struct io_uring *ring, struct us_cqe *out, unsigned max, unsigned wait_nr, int64_t timeout_ns);
 int io_uring_register_buffers(struct io_uring *ring, const struct iovec *iovecs, unsigned nr_iovecs);
 int io_uring_unregister_buffers(struct io_uring *ring);

@@ -141,7 +141,11 @@ class Engine:
         self._op_over(op)
 
     def _send_error(self, op, res):
-        """Mode-specific recovery for a failed send; True when handled."""
+        """Recovery for a failed send; True when handled (the chain is rebuilt from self.pos)."""
+        if res == -errno.EOPNOTSUPP and op.zerocopy:  # e.g. AF_UNIX: no SEND_ZC there
+            self.zc = False
+            self.t.fallback = "SEND_ZC is not supported on this socket (EOPNOTSUPP): copying sends"
+            return True
         return False
 
     def _fail(self, op, res, fd):
@@ -254,6 +258,7 @@ class ZeroCopyEngine(Engine):
     snapshot, and the buffer returns to the pool only on its notification."""
 
     mode = "zerocopy"
+    zc = True
 
     def _build(self, pos, end):
         pool = self.ring._buffer_pool()
@@ -269,8 +274,12 @@ class ZeroCopyEngine(Engine):
             addr = pool.address(index)
             ops.append(Op(self, ll.OP_READ_FIXED, self.file, addr=addr, len=n, off=pos,
                           buf_index=index, role="fill", offset=pos, keep=index))
-            ops.append(Op(self, ll.OP_SEND_ZC_FIXED, self.sock, addr=addr, len=n, op_flags=SEND_FLAGS,
-                          zc_flags=REPORT_USAGE, buf_index=index, role="send", offset=pos, keep=index))
+            if self.zc:
+                ops.append(Op(self, ll.OP_SEND_ZC_FIXED, self.sock, addr=addr, len=n, op_flags=SEND_FLAGS,
+                              zc_flags=REPORT_USAGE, buf_index=index, role="send", offset=pos, keep=index))
+            else:
+                ops.append(Op(self, ll.OP_SEND, self.sock, addr=addr, len=n, op_flags=SEND_FLAGS,
+                              role="send", offset=pos, keep=index))
             pos += n
         return ops
 
@@ -293,7 +302,7 @@ class MapEngine(Engine):
         super().__init__(ring, transfer, sock_fd, file_fd, start, end, header, owns_file)
         self.zc = zerocopy
         self.auto = auto
-        self.mode = "mmap" if zerocopy else "copy"
+        self.mode = "mmap" if zerocopy else "copy"  # what was asked; self.zc says what runs
         self.chunk = ring.chunk_size if zerocopy else ring.copy_chunk_size
         self.map_start = start - start % mmap.ALLOCATIONGRANULARITY
         self.map = ll.FileMapping(file_fd, end - self.map_start, self.map_start) if end > start else None
@@ -324,10 +333,10 @@ class MapEngine(Engine):
                 return True
         if res == -errno.ENOMEM and op.zerocopy and self.auto:
             self.zc = False
-            self.mode = "copy"
-            self.chunk = self.ring.copy_chunk_size
             self.t.fallback = "SEND_ZC failed with ENOMEM (RLIMIT_MEMLOCK): copying sends instead"
-            self.t.mode = "copy"
+            return True
+        if super()._send_error(op, res):
+            self.chunk = self.ring.copy_chunk_size
             return True
         return False
 

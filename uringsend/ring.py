@@ -33,10 +33,25 @@ _kept_alive = []
 
 
 class _Canceller:
-    """Owner of ASYNC_CANCEL ops: their results (0, -ENOENT, -EALREADY) need no action."""
+    """Owner of ASYNC_CANCEL ops. A cancel finds only an op the kernel has issued: a link member
+    whose turn has come may still sit in deferred task work (DEFER_TASKRUN) until the next enter,
+    and then every cancel of the round answers -ENOENT. So a round that found nothing, for a chain
+    still in flight, is followed by another one."""
+
+    def __init__(self, ring):
+        self.ring = ring
+        self.rounds = {}  # engine -> [cancels outstanding, found anything, which]
 
     def _on_result(self, op, res, now):
-        pass
+        engine = op.keep
+        state = self.rounds[engine]
+        state[0] -= 1
+        if res != -errno.ENOENT:
+            state[1] = True
+        if state[0] == 0:
+            del self.rounds[engine]
+            if not state[1] and engine.chain_left:
+                self.ring._cancel_ops(engine, state[2])
 
     def _on_release(self, op, copied, now):
         pass
@@ -91,7 +106,7 @@ class Ring:
         self._backlog = collections.deque()
         self._ready_list = []
         self._engines = set()   # not settled yet
-        self._canceller = _Canceller()
+        self._canceller = _Canceller(self)
         self.transfers_started = 0
         self.kept_alive = 0
         if max_workers:
@@ -363,10 +378,15 @@ class Ring:
         self._backlog = keep
         if withdrawn:
             engine._withdrawn(withdrawn)
-        for op in self.ledger.awaiting_result():
-            if op.owner is engine and (which is None or which(op)):
+        if engine in self._canceller.rounds:
+            return  # a round is in flight; if it finds nothing it issues the next one
+        targets = [op for op in self.ledger.awaiting_result()
+                   if op.owner is engine and (which is None or which(op))]
+        if targets:
+            self._canceller.rounds[engine] = [len(targets), False, which]
+            for op in targets:
                 self._backlog.append([Op(self._canceller, ll.OP_ASYNC_CANCEL, -1, addr=op.user_data,
-                                         role="cancel")])
+                                         role="cancel", keep=engine)])
         self._flush()
 
     def _flush(self):
