@@ -1,0 +1,375 @@
+"""Demos: small real transfers over loopback TCP that show what the kernel reports.
+
+Each demo is a function returning a JSON-ready dict with the demo's own ``checks`` and an ``ok``
+verdict; ``uringsend.cli`` only formats them. Every demo makes its own file in a temporary directory
+and reads the other end of the connection in a thread, so all of them run with no arguments.
+"""
+import contextlib
+import os
+import socket
+import tempfile
+import threading
+
+from . import _lowlevel as ll
+from .ring import Ring
+from .transfer import QUEUED, RELEASED, SENT
+
+_F_MORE = ll.IORING_CQE_F_MORE
+_F_NOTIF = ll.IORING_CQE_F_NOTIF
+_REPORT_USAGE = ll.IORING_SEND_ZC_REPORT_USAGE
+_ZC_COPIED = ll.IORING_NOTIF_USAGE_ZC_COPIED
+_INVERT = bytes(255 - i for i in range(256))  # a table making every byte differ from the original
+
+SLOW_RCVBUF = 16 << 10      # the slow reader's SO_RCVBUF: little room, so the sender waits on it
+SLOW_PIECE = 16 << 10       # ... and it reads this much at a time,
+SLOW_RATE = 32 << 20        # ... at about this many bytes per second
+
+
+class Reader:
+    """Reads a socket in a thread until EOF. ``gate``: an Event to wait for before the first read.
+    ``pause``: seconds to idle after each read of ``piece`` bytes (a deliberately slow peer)."""
+
+    def __init__(self, sock, gate=None, piece=1 << 20, pause=0.0):
+        self.sock = sock
+        self.gate = gate
+        self.piece = piece
+        self.pause = pause
+        self.data = bytearray()
+        self.first_recv = 0
+        self.error = None
+        self.hurry = threading.Event()  # set on teardown: stop pausing
+        self.thread = threading.Thread(target=self._run, name="uringsend-demo-reader", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            if self.gate is not None:
+                self.gate.wait()
+            while True:
+                chunk = self.sock.recv(self.piece)
+                if not chunk:
+                    return
+                if not self.data:
+                    self.first_recv = len(chunk)
+                self.data += chunk
+                if self.pause:
+                    self.hurry.wait(self.pause)
+        except OSError as exc:
+            self.error = exc
+
+    def join(self, timeout):
+        """The bytes read up to EOF; TimeoutError when EOF does not come in time."""
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise TimeoutError(f"the reader saw no EOF within {timeout} s ({len(self.data)} bytes read)")
+        if self.error is not None:
+            raise self.error
+        return bytes(self.data)
+
+
+class Link:
+    """A loopback TCP connection: ``client`` (the sender's end) and a ``reader`` on the other end."""
+
+    def __init__(self, client, peer, reader):
+        self.client = client
+        self.peer = peer
+        self.reader = reader
+
+
+@contextlib.contextmanager
+def loopback(rcvbuf=None, sndbuf=None, gate=None, piece=1 << 20, pause=0.0):
+    """A Link over 127.0.0.1; the Reader's arguments are passed on. Closes both ends on exit."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    try:
+        if rcvbuf:
+            srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before accept: sets the window
+        client = socket.create_connection(srv.getsockname())
+        peer, _ = srv.accept()
+    finally:
+        srv.close()
+    if sndbuf:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    reader = Reader(peer, gate, piece, pause)
+    try:
+        yield Link(client, peer, reader)
+    finally:
+        reader.hurry.set()
+        if gate is not None:
+            gate.set()
+        for s in (client, peer):
+            try:
+                s.shutdown(socket.SHUT_RDWR)  # wakes a reader blocked in recv()
+            except OSError:
+                pass
+        reader.thread.join(5)
+        client.close()
+        peer.close()
+
+
+@contextlib.contextmanager
+def datafile(size):
+    """(path, bytes): a file of ``size`` random bytes in a fresh temporary directory."""
+    with tempfile.TemporaryDirectory(prefix="uringsend-demo-") as d:
+        path = os.path.join(d, "data.bin")
+        data = os.urandom(size)
+        with open(path, "wb") as f:
+            f.write(data)
+        yield path, data
+
+
+def _us(t_ns, start_ns):
+    return round((t_ns - start_ns) / 1000, 1)
+
+
+def _event_rows(t):
+    return [{"t_us": _us(e.t_ns, t.started_ns), "kind": e.kind, "offset": e.offset, "nbytes": e.nbytes,
+             "copied": e.copied} for e in t.events]
+
+
+def _check(name, passed, detail=""):
+    return {"name": name, "ok": bool(passed), "detail": detail}
+
+
+def _finish(result):
+    result["ok"] = all(c["ok"] for c in result["checks"])
+    return result
+
+
+def _settle(t, link, timeout):
+    """End the stream and wait for every release the mode reports; returns the peer's bytes."""
+    t.wait(timeout)
+    link.client.shutdown(socket.SHUT_WR)
+    if t.mode != "splice":
+        t.wait_released(timeout)
+    return link.reader.join(timeout)
+
+
+# ---- notify ------------------------------------------------------------------------------------
+def _cqe_row(entry, start_ns):
+    t_ns, op, user_data, res, flags = entry
+    row = {"t_us": _us(t_ns, start_ns), "op": op.name if op else "?", "role": op.role if op else None,
+           "user_data": user_data, "res": res, "flags": flags,
+           "flags_decoded": [n for n, bit in (("MORE", _F_MORE), ("NOTIF", _F_NOTIF)) if flags & bit],
+           "offset": op.offset if op else None, "len": op.len if op else None, "copied": None}
+    if op is None:
+        row["note"] = "no operation has this user_data"
+    elif flags & _F_NOTIF:
+        if op.zc_flags & _REPORT_USAGE:
+            row["copied"] = bool(res & _ZC_COPIED)  # a flag word, not an errno
+            row["note"] = "released: copied" if row["copied"] else "released: zero-copy"
+        else:
+            row["note"] = "released"
+    elif res < 0:
+        row["note"] = f"error: {os.strerror(-res)}"
+    elif op.role == "fill":
+        row["note"] = "file -> pipe" if op.name == "SPLICE" else "file -> buffer"
+    elif op.role == "tee":
+        row["note"] = "pipe -> pipe: page references duplicated"
+    elif op.role in ("send", "header"):
+        what = "header" if op.role == "header" else "pipe -> socket" if op.name == "SPLICE" else "sent"
+        if op.name == "SPLICE":
+            row["note"] = f"{what}: queued by reference, no release will follow"
+        elif flags & _F_MORE:
+            row["note"] = f"{what}, notification to follow"
+        else:
+            row["note"] = f"{what} and released (copied into the socket)"
+    else:
+        row["note"] = op.role or ""
+    return row
+
+
+def notify(mode="mmap", size=4 << 20, slow_reader=False, timeout=30.0, progress=None):
+    """One transfer's timeline, one row per CQE, and a summary of its sent and released chunks."""
+    pace = dict(rcvbuf=SLOW_RCVBUF, piece=SLOW_PIECE, pause=SLOW_PIECE / SLOW_RATE) if slow_reader else {}
+    on_release = None
+    if progress is not None:
+        def on_release(ev):
+            progress(f"notify: {t.released_bytes()} of {size} bytes released")
+    with datafile(size) as (path, data), loopback(**pace) as link:
+        with Ring(trace=True) as ring:
+            t = ring.sendfile(link.client, path, mode=mode, on_release=on_release)
+            got = _settle(t, link, timeout)
+            trace = list(ring.ledger.trace)
+    timeline = [_cqe_row(entry, t.started_ns) for entry in trace]
+    sent_at, released_at = {}, {}
+    for e in t.events:
+        if e.offset is None:
+            continue
+        if e.kind in (SENT, QUEUED):
+            sent_at.setdefault(e.offset, e.t_ns)
+        elif e.kind == RELEASED:
+            released_at[e.offset] = e.t_ns
+    releases = [e for e in t.events if e.kind == RELEASED and e.offset is not None]
+    gaps = [released_at[o] - sent_at[o] for o in sent_at if o in released_at]
+    summary = {
+        "bytes": t.sent,
+        "chunks": len(sent_at),
+        "notifications": sum(1 for r in timeline if "NOTIF" in r["flags_decoded"]),
+        "copied": sum(1 for e in releases if e.copied),
+        "zerocopy": sum(1 for e in releases if e.copied is False),
+        "released_bytes": t.released_bytes(),
+        "max_gap_us": round(max(gaps) / 1000, 1) if gaps else None,
+        "peer_first_recv": link.reader.first_recv,
+    }
+    checks = [_check("peer got the file, byte for byte", got == data, f"{len(got)} of {size} bytes"),
+              _check("bytes sent == file size", t.sent == size, f"{t.sent} sent")]
+    if t.mode == "splice":
+        checks.append(_check("splice reports queued, never released", not releases and len(sent_at) > 0,
+                             f"{len(sent_at)} chunks queued"))
+    else:
+        late = [o for o in sent_at if o not in released_at or released_at[o] < sent_at[o]]
+        checks.append(_check("every chunk sent, then released",
+                             not late and summary["released_bytes"] == size,
+                             f"{len(sent_at) - len(late)} of {len(sent_at)} chunks"))
+    reader = {"rcvbuf": SLOW_RCVBUF, "piece": SLOW_PIECE, "rate": SLOW_RATE} if slow_reader else None
+    return _finish({"demo": "notify", "mode": t.mode, "size": size, "slow_reader": slow_reader,
+                    "reader": reader, "timeline": timeline, "events": _event_rows(t),
+                    "summary": summary, "checks": checks})
+
+
+# ---- hazard ------------------------------------------------------------------------------------
+HAZARD_CASES = (
+    # mode, wait for wait_released() before writing, expected to show the hazard
+    ("splice", False, True),
+    ("zerocopy", False, False),
+    ("mmap", True, False),
+    ("mmap", False, True),
+)
+
+
+def _count_changed(got, old, new):
+    """(bytes equal to the new content, bytes equal to neither old nor new)."""
+    changed = other = 0
+    step = 4096
+    for i in range(0, len(got), step):
+        g, o, n = got[i:i + step], old[i:i + step], new[i:i + step]
+        if g == o:
+            continue
+        if g == n:
+            changed += len(g)
+            continue
+        for a, b, c in zip(g, o, n):
+            changed += a == c and a != b
+            other += a != b and a != c
+    return changed, other
+
+
+def _hazard_case(mode, after_release, expect_hazard, size, timeout):
+    # A 4 KiB receive window and a gated reader keep nearly every byte in the sender's queue;
+    # the send buffer is made big enough that the whole file fits there, so wait() returns.
+    gate = threading.Event()
+    with datafile(size) as (path, old), loopback(rcvbuf=4096, sndbuf=4 * size, gate=gate) as link:
+        new = old.translate(_INVERT)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            with Ring() as ring:
+                t = ring.sendfile(link.client, fd, mode=mode)
+                sent = t.wait(timeout)  # every byte queued to the socket; the peer has read none
+                if after_release:
+                    # On loopback the pages are released once the data has left the sender's queue,
+                    # which needs the peer to read: let it, and write only after the release.
+                    gate.set()
+                    t.wait_released(timeout)
+                released = None if mode == "splice" else t.released_bytes()
+                peer_had = len(link.reader.data)
+                os.pwrite(fd, new, 0)  # in place, same size: the same pages the send referenced
+                link.client.shutdown(socket.SHUT_WR)
+                gate.set()
+                got = link.reader.join(timeout)
+                if mode != "splice":
+                    t.wait_released(timeout)
+                stats = ring.statistics()
+        finally:
+            os.close(fd)
+    changed, other = _count_changed(got, old, new)
+    when = "after wait_released()" if after_release else "after wait()"
+    hazard = changed > 0
+    if hazard:
+        verdict = f"hazard: {changed} of {len(got)} bytes changed after the send returned"
+    else:
+        verdict = "stable: the peer got the original bytes"
+    expected = "hazard" if expect_hazard else "stable"
+    checks = [_check(f"{mode} {when}: the peer got {size} bytes, each one old or new",
+                     len(got) == size and not other, f"{len(got)} bytes, {other} neither" if other else ""),
+              _check(f"{mode} {when}: {expected}, as expected", hazard == expect_hazard,
+                     "" if hazard == expect_hazard else verdict)]
+    return {"mode": mode, "written": when, "bytes": sent, "new_bytes": changed, "expected": expected,
+            "released_before_write": released, "peer_read_before_write": peer_had,
+            "notifications": stats["notifs"], "copied_notifications": stats["copied"],
+            "verdict": verdict, "checks": checks}
+
+
+def hazard(size=256 << 10, timeout=30.0, progress=None):
+    """The 2023 Samba problem: the file is overwritten after the send returned but before the peer
+    read; count how many bytes the peer then gets from the new content, per mode."""
+    rows = []
+    for mode, after_release, expect in HAZARD_CASES:
+        if progress is not None:
+            progress(f"hazard: {mode}, {len(rows) + 1} of {len(HAZARD_CASES)}")
+        rows.append(_hazard_case(mode, after_release, expect, size, timeout))
+    copied = sum(r["copied_notifications"] for r in rows)
+    notifs = sum(r["notifications"] for r in rows)
+    note = (f"On loopback the kernel copies SEND_ZC data ({copied} of {notifs} notifications here said "
+            "'copied'), which is part of why the stable rows are stable here. Mode 'zerocopy' sends a "
+            "snapshot read into a registered buffer, so it is stable anywhere. Mode 'mmap' sends the "
+            "file's own pages: once a range is released the kernel no longer references them and writing "
+            "the file cannot change what the peer gets; before the release it can (last row).")
+    return _finish({"demo": "hazard", "size": size, "rows": rows, "note": note,
+                    "checks": [c for r in rows for c in r["checks"]]})
+
+
+# ---- header ------------------------------------------------------------------------------------
+def header(mode="mmap", size=1 << 20, timeout=30.0):
+    """An HTTP-style header and a file body sent as one stream with ``header=``."""
+    head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+            f"Content-Length: {size}\r\n\r\n").encode()
+    with datafile(size) as (path, data), loopback() as link:
+        with Ring(trace=True) as ring:
+            t = ring.sendfile(link.client, path, mode=mode, header=head)
+            got = _settle(t, link, timeout)
+            trace = list(ring.ledger.trace)
+    events = _event_rows(t)
+    header_events = [e for e in events if e["offset"] is None]
+    body_sent = [e["t_us"] for e in events if e["offset"] is not None and e["kind"] in (SENT, QUEUED)]
+    header_sent = [e["t_us"] for e in header_events if e["kind"] in (SENT, QUEUED)]
+    in_order = bool(header_sent) and (not body_sent or max(header_sent) <= min(body_sent))
+    checks = [
+        _check("peer got header + file, nothing between", got == head + data,
+               f"{len(got)} bytes = {len(head)} header + {len(got) - len(head)} body"),
+        _check("header sent before the body", in_order, f"{t.header_sent} header bytes"),
+    ]
+    return _finish({"demo": "header", "mode": t.mode, "size": size, "header": head.decode(),
+                    "header_len": len(head), "peer_bytes": len(got),
+                    "peer_first_recv": link.reader.first_recv, "events": events, "header_events": header_events,
+                    "timeline": [_cqe_row(e, t.started_ns) for e in trace], "checks": checks})
+
+
+# ---- tee ---------------------------------------------------------------------------------------
+def tee(sockets=3, size=1 << 20, timeout=30.0):
+    """One file to ``sockets`` connections with ``Ring.tee``: the file is spliced into a pipe once
+    per chunk, TEE duplicates the pipe's page references for the other sockets."""
+    with datafile(size) as (path, data), contextlib.ExitStack() as stack:
+        links = [stack.enter_context(loopback()) for _ in range(sockets)]
+        with Ring(trace=True) as ring:
+            transfers = ring.tee(path, [link.client for link in links])
+            ring.wait(transfers, timeout)
+            for link in links:
+                link.client.shutdown(socket.SHUT_WR)
+            got = [link.reader.join(timeout) for link in links]
+            ring.run_until_complete(timeout)
+            trace = list(ring.ledger.trace)
+    ops = {}
+    paths = {"fill": "file -> pipe", "tee": "pipe -> pipe", "send": "pipe -> socket"}
+    for _, op, _, res, _ in trace:
+        if op is not None and res > 0:
+            key = f"{op.name} {paths.get(op.role, op.role)}"
+            count, nbytes = ops.get(key, (0, 0))
+            ops[key] = (count + 1, nbytes + res)
+    peers = [{"socket": i, "bytes": len(g), "identical": g == data, "mode": t.mode, "sent": t.sent,
+              "events": len(t.events), "kinds": sorted({e.kind for e in t.events})}
+             for i, (g, t) in enumerate(zip(got, transfers))]
+    checks = [_check(f"peer {p['socket']} got the file, byte for byte", p["identical"],
+                     f"{p['bytes']} of {size} bytes") for p in peers]
+    return _finish({"demo": "tee", "size": size, "sockets": sockets, "peers": peers,
+                    "ops": {k: {"cqes": c, "bytes": n} for k, (c, n) in ops.items()},
+                    "file_bytes_read": ops.get("SPLICE file -> pipe", (0, 0))[1], "checks": checks})
