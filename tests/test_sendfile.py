@@ -339,3 +339,20 @@ def test_tee_survives_one_peer_resetting(make_file):
         for c, p in pairs:
             c.close()
             p.close()
+
+
+def test_mapping_is_made_once_per_file(make_file, tcp):
+    path, data = make_file(100_000)
+    client, peer = tcp
+    rx = Receiver(peer)
+    with uringsend.Ring() as ring:
+        for mode in ("copy", "mmap", "copy"):
+            ring.sendfile(client, path, mode=mode).wait_released(10)
+        assert ring.statistics()["mappings_created"] == 1
+        with open(path, "ab") as f:  # the file grows: a new mapping, never a stale one
+            f.write(b"tail")
+        ring.sendfile(client, path, mode="copy").wait_released(10)
+        assert ring.statistics()["mappings_created"] == 2
+        assert ring.statistics()["mappings_busy"] == 0
+    client.shutdown(socket.SHUT_WR)
+    assert rx.join() == data * 3 + data + b"tail"

@@ -2,7 +2,7 @@
 import os
 
 from .errors import IoUringUnavailable
-from .ring import Ring, _file_fd, _nonneg, _regular_size, _sock_fd
+from .ring import Ring, _file_fd, _nonneg, _regular_stat, _sock_fd
 from .transfer import QUEUED, Transfer
 
 
@@ -41,7 +41,7 @@ def _os_sendfile(sock, file, offset, count, header, why):
     sock_fd = _sock_fd(sock)
     file_fd, owns = _file_fd(file)
     try:
-        size = _regular_size(file_fd, file)
+        size = _regular_stat(file_fd, file).st_size
         if offset > size:
             raise ValueError(f"offset {offset} is past the end of the file ({size} bytes)")
         end = size if count is None else min(size, offset + _nonneg("count", count))

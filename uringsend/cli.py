@@ -30,6 +30,10 @@ def size_arg(text):
     return int(m.group(1)) * _UNITS[m.group(2).lower()]
 
 
+def plural(n, word):
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def human(n):
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= scale:
@@ -163,16 +167,18 @@ def show_notify(r, out):
                   f"at ~{human(pace['rate'])}/s)")
     else:
         reader = "reader as fast as it can"
-    out.title(f"notify: mode {r['mode']}, {human(r['size'])} file -> loopback TCP, {reader}")
+    mode = r["mode"] if r["mode"] == r["requested_mode"] else f"{r['requested_mode']} (chose {r['mode']})"
+    out.title(f"notify: mode {mode}, {human(r['size'])} file -> loopback TCP, {reader}")
     out.line("  one row per CQE; µs since the transfer started")
     show_timeline(r["timeline"], out)
     s = r["summary"]
-    line = f"summary: {s['bytes']} bytes in {s['chunks']} chunks, {s['notifications']} notifications; "
+    line = (f"summary: {s['bytes']} bytes in {plural(s['chunks'], 'chunk')}, "
+            f"{plural(s['notifications'], 'notification')}; ")
     if r["mode"] == "splice":
         out.para(line + "splice hands page-cache pages to the socket by reference: the chunks were queued, "
                  "and the kernel never says when it lets go of them")
     else:
-        out.para(line + f"released {s['released_bytes']} bytes: {s['copied']} chunks copied, "
+        out.para(line + f"released {s['released_bytes']} bytes: {plural(s['copied'], 'chunk')} copied, "
                  f"{s['zerocopy']} zero-copy; max sent->released gap {s['max_gap_us']} µs")
         if s["copied"] and r["mode"] in ("mmap", "zerocopy"):
             out.para("'copied': the kernel copied the data anyway (loopback always does); "

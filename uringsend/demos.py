@@ -215,14 +215,15 @@ def notify(mode="mmap", size=4 << 20, slow_reader=False, timeout=30.0, progress=
               _check("bytes sent == file size", t.sent == size, f"{t.sent} sent")]
     if t.mode == "splice":
         checks.append(_check("splice reports queued, never released", not releases and len(sent_at) > 0,
-                             f"{len(sent_at)} chunks queued"))
+                             f"{len(sent_at)} queued"))
     else:
         late = [o for o in sent_at if o not in released_at or released_at[o] < sent_at[o]]
         checks.append(_check("every chunk sent, then released",
                              not late and summary["released_bytes"] == size,
                              f"{len(sent_at) - len(late)} of {len(sent_at)} chunks"))
     reader = {"rcvbuf": SLOW_RCVBUF, "piece": SLOW_PIECE, "rate": SLOW_RATE} if slow_reader else None
-    return _finish({"demo": "notify", "mode": t.mode, "size": size, "slow_reader": slow_reader,
+    return _finish({"demo": "notify", "requested_mode": mode, "mode": t.mode, "size": size,
+                    "slow_reader": slow_reader,
                     "reader": reader, "timeline": timeline, "events": _event_rows(t),
                     "summary": summary, "checks": checks})
 

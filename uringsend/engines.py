@@ -298,18 +298,19 @@ class MapEngine(Engine):
     ring bounds the bytes awaiting release; -ENOMEM under auto falls back to copying sends.
     """
 
-    def __init__(self, ring, transfer, sock_fd, file_fd, start, end, header, owns_file, zerocopy, auto):
+    def __init__(self, ring, transfer, sock_fd, file_fd, start, end, header, owns_file, zerocopy, auto, st):
         super().__init__(ring, transfer, sock_fd, file_fd, start, end, header, owns_file)
         self.zc = zerocopy
         self.auto = auto
         self.mode = "mmap" if zerocopy else "copy"  # what was asked; self.zc says what runs
         self.chunk = ring.chunk_size if zerocopy else ring.copy_chunk_size
-        self.map_start = start - start % mmap.ALLOCATIONGRANULARITY
-        self.map = ll.FileMapping(file_fd, end - self.map_start, self.map_start) if end > start else None
+        self.map_key = self.map = None
+        if end > start:
+            self.map_key, self.map = ring.mappings.acquire(file_fd, st)
 
     def _build(self, pos, end):
         ops = []
-        base = self.map.address - self.map_start
+        base = self.map.address
         for _ in range(self.window):
             if pos >= end:
                 break
@@ -348,7 +349,7 @@ class MapEngine(Engine):
 
     def _teardown(self):
         if self.map is not None:
-            self.map.unmap()
+            self.ring.mappings.give_back(self.map_key)
             self.map = None
 
 

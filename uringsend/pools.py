@@ -1,11 +1,12 @@
 """Bounded pools: registered buffers for zero-copy sends, and pipes for splice chains."""
 import array
+import collections
 import fcntl
 import mmap
 import os
 import termios
 
-from ._lowlevel import Pinned
+from ._lowlevel import FileMapping, Pinned
 
 PAGE = mmap.PAGESIZE
 
@@ -139,3 +140,45 @@ class PipePool:
     def close(self):
         while self._idle:
             self._idle.pop().close()
+
+
+class MappingCache:
+    """Read-only mappings of whole files, shared by the transfers that send them, so the mapping
+    cost (and its page faults) is paid once per file. Keyed by device, inode, size and mtime: a
+    file that changed size or was replaced gets a new mapping. Up to ``keep`` idle mappings stay;
+    a busy one is unmapped only when its last transfer has nothing in the kernel any more."""
+
+    def __init__(self, keep=64):
+        self.keep = keep
+        self._maps = {}  # key -> [FileMapping, users]
+        self._idle = collections.OrderedDict()
+        self.created = 0
+
+    def acquire(self, fd, st):
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        entry = self._maps.get(key)
+        if entry is None:
+            entry = self._maps[key] = [FileMapping(fd, st.st_size, 0), 0]
+            self.created += 1
+        entry[1] += 1
+        self._idle.pop(key, None)
+        return key, entry[0]
+
+    def give_back(self, key):
+        entry = self._maps[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self._idle[key] = None
+            while len(self._idle) > self.keep:
+                old, _ = self._idle.popitem(last=False)
+                self._maps.pop(old)[0].unmap()
+
+    @property
+    def busy(self):
+        return len(self._maps) - len(self._idle)
+
+    def close(self):
+        """Unmap the idle mappings; busy ones (kernel may still read them) stay mapped."""
+        while self._idle:
+            key, _ = self._idle.popitem()
+            self._maps.pop(key)[0].unmap()

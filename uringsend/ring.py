@@ -17,7 +17,7 @@ from . import _lowlevel as ll
 from .engines import MapEngine, SpliceEngine, TeeEngine, ZeroCopyEngine
 from .errors import IoUringUnavailable, RingOwnerError
 from .ledger import Ledger, Op
-from .pools import BufferPool, PipePool
+from .pools import BufferPool, MappingCache, PipePool
 from .transfer import Transfer
 
 MODES = ("auto", "splice", "zerocopy", "mmap", "copy")
@@ -95,6 +95,7 @@ class Ring:
         if trace:
             self.ledger.trace = []
         self.pipes = PipePool(pipe_size)
+        self.mappings = MappingCache()
         self._buffers_spec = (buffers, buffer_size)
         self._pool = None
         self.chunk_size = chunk_size
@@ -169,7 +170,8 @@ class Ring:
         sock_fd = _sock_fd(sock)
         file_fd, owns = _file_fd(file)
         try:
-            size = _regular_size(file_fd, file)
+            st = _regular_stat(file_fd, file)
+            size = st.st_size
             if offset > size:
                 raise ValueError(f"offset {offset} is past the end of the file ({size} bytes)")
             end = size if count is None else min(size, offset + count)
@@ -183,7 +185,7 @@ class Ring:
             elif chosen == "zerocopy":
                 engine = ZeroCopyEngine(*args)
             else:
-                engine = MapEngine(*args, zerocopy=(chosen == "mmap"), auto=(mode == "auto"))
+                engine = MapEngine(*args, zerocopy=(chosen == "mmap"), auto=(mode == "auto"), st=st)
         except BaseException:
             if owns:
                 os.close(file_fd)
@@ -211,7 +213,7 @@ class Ring:
             raise ValueError("tee: the same socket appears twice")
         file_fd, owns = _file_fd(file)
         try:
-            size = _regular_size(file_fd, file)
+            size = _regular_stat(file_fd, file).st_size
             if offset > size:
                 raise ValueError(f"offset {offset} is past the end of the file ({size} bytes)")
             end = size if count is None else min(size, offset + count)
@@ -279,6 +281,8 @@ class Ring:
             "buffers_free": pool.free if pool else 0,
             "pipes_created": self.pipes.created,
             "pipes_idle": self.pipes.idle,
+            "mappings_created": self.mappings.created,
+            "mappings_busy": self.mappings.busy,
             "kept_alive": self.kept_alive,
         }
 
@@ -311,6 +315,7 @@ class Ring:
         if not held and self._pool is not None:
             self._pool.close()
         self.pipes.close()
+        self.mappings.close()
         for engine in self._engines:
             # The ring's teardown cancels its requests, so no op can pick up a file by fd any
             # more; kept memory does not need the fd.
@@ -477,7 +482,7 @@ def _file_fd(file):
     return fd, False
 
 
-def _regular_size(fd, file):
+def _regular_stat(fd, file):
     try:
         st = os.fstat(fd)
     except OSError as exc:
@@ -486,4 +491,4 @@ def _regular_size(fd, file):
         raise IsADirectoryError(errno.EISDIR, f"sendfile: {file!r} is a directory")
     if not stat.S_ISREG(st.st_mode):
         raise OSError(errno.EINVAL, f"sendfile: fd {fd} is not a regular file")
-    return st.st_size
+    return st
