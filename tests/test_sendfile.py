@@ -356,3 +356,26 @@ def test_mapping_is_made_once_per_file(make_file, tcp):
         assert ring.statistics()["mappings_busy"] == 0
     client.shutdown(socket.SHUT_WR)
     assert rx.join() == data * 3 + data + b"tail"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_non_blocking_socket_that_fills(mode, make_file):
+    """O_NONBLOCK socket, peer reading late: splice gets literal -EAGAIN CQEs (rule 6) and is
+    re-armed with POLL_ADD; sends are poll-retried by the kernel. Data arrives intact."""
+    path, data = make_file((4 << 20) + 123)
+    client, peer = tcp_pair(rcvbuf=16384)
+    client.setblocking(False)
+    gate = __import__("threading").Event()
+    with client, peer, uringsend.Ring(trace=True) as ring:
+        rx = Receiver(peer, gate=gate)
+        t = ring.sendfile(client, path, mode=mode)
+        ring.poll(0.05)
+        gate.set()
+        assert t.wait(30) == len(data)
+        ring.run_until_complete(30)
+        client.shutdown(socket.SHUT_WR)
+        assert rx.join() == data
+        if mode == "splice":
+            eagain = [r for _, op, _, r, _ in ring.ledger.trace if op is not None and r == -errno.EAGAIN]
+            polls = [op for _, op, _, _, _ in ring.ledger.trace if op is not None and op.role == "poll"]
+            assert eagain and polls, "expected -EAGAIN splices re-armed by POLL_ADD"
