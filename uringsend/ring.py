@@ -8,6 +8,7 @@ import collections
 import errno
 import functools
 import os
+import socket
 import stat
 import threading
 import time
@@ -459,6 +460,11 @@ def _nonneg(name, value):
 
 
 def _sock_fd(sock):
+    if isinstance(sock, socket.socket):  # known to be a socket: no fstat needed
+        fd = sock.fileno()
+        if fd < 0:
+            raise OSError(errno.EBADF, f"sendfile: socket {sock!r} is closed")
+        return fd
     fd = sock if isinstance(sock, int) else getattr(sock, "fileno", lambda: None)()
     if not isinstance(fd, int) or isinstance(fd, bool):
         raise TypeError(f"sock must be a socket or a file descriptor, not {type(sock).__name__}")
