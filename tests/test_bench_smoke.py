@@ -1,0 +1,94 @@
+"""The benchmark runs end to end at tiny counts and writes every section, contender and ratio.
+
+The numbers of a tiny run mean nothing; this checks the program, not the library's speed.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+URING_MODES = ["splice", "zerocopy", "mmap", "copy", "auto"]
+STABLE = ["uringsend-zerocopy", "uringsend-mmap", "uringsend-copy", "uringsend-auto"]
+CONTENDERS = ["splice", "sendfile", "read-send"] + [f"uringsend-{m}" for m in URING_MODES]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def run_bench(out, *args):
+    proc = subprocess.run([sys.executable, "-m", "bench", "--tiny", "--out", str(out), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, f"bench failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = run_bench(out)
+    return out, proc, json.loads((out / "latest.json").read_text())
+
+
+def test_every_contender_and_size_has_latency_percentiles_and_ratios(tiny):
+    _, _, result = tiny
+    assert result["contenders"] == list(CONTENDERS)
+    sizes = [str(s) for s in result["config"]["sizes"]]
+    assert sizes == ["4096", "65536", "1048576", "16777216"]
+    for name in CONTENDERS:
+        for size in sizes:
+            row = result["latency"][name][size]
+            assert row["n"] == result["config"]["counts"][size]
+            assert 0 < row["p50_us"] <= row["p99_us"] <= row["p999_us"]
+            assert row["ratio_p50_vs_splice"] > 0 and row["ratio_p99_vs_splice"] > 0
+            if name in STABLE:
+                assert 0 < row["release_p50_us"] <= row["release_p99_us"]
+    assert result["latency"]["splice"]["4096"]["ratio_p50_vs_splice"] == 1.0
+
+
+def test_zerocopy_rows_report_copied_and_zerocopy_chunks(tiny):
+    _, _, result = tiny
+    for name in ("uringsend-zerocopy", "uringsend-mmap"):
+        row = result["latency"][name]["65536"]
+        assert row["chunks_copied"] + row["chunks_zerocopy"] >= row["n"]
+        row = result["throughput"][name]
+        assert row["chunks_copied"] + row["chunks_zerocopy"] > 0
+
+
+def test_throughput_cost_and_concurrency_sections(tiny):
+    _, _, result = tiny
+    for name in CONTENDERS:
+        assert result["throughput"][name]["gbps"] > 0
+        assert result["throughput"][name]["ratio_throughput_vs_splice"] > 0
+        cost = result["cost"][name]
+        assert cost["cpu_s_per_gb"] >= 0 and "rss_peak_growth_mib" in cost
+        assert cost["fds_after"] == cost["fds_before"]
+    assert list(result["concurrency"]) == ["1", "16", "64"]
+    for rows in result["concurrency"].values():
+        assert list(rows) == ["splice-threads"] + [f"uringsend-{m}" for m in URING_MODES]
+        for row in rows.values():
+            assert row["requests"] > 0 and row["gbps"] > 0
+            assert row["ratio_throughput_vs_splice"] > 0 and row["ratio_p99_vs_splice"] > 0
+    assert result["fds"]["start"] == result["fds"]["end"]
+
+
+def test_targets_machine_and_files(tiny):
+    out, proc, result = tiny
+    assert len(result["targets"]) == 7
+    assert {t["status"] for t in result["targets"]} <= {"PASS", "MISS"}
+    for key in ("host", "kernel", "cpu_model", "cores_logical", "python"):
+        assert result["machine"][key]
+    assert set(result["fastest"]["latency_p50"]) == set(result["latency"]["splice"])
+    stamped = out / f"{result['machine']['host']}-{result['stamp']}.json"
+    assert json.loads(stamped.read_text()) == result
+    for png in ("latency.png", "throughput.png"):
+        assert (out / png).read_bytes()[:8] == PNG
+    table = (out / "latest.md").read_text()
+    assert "| 4 KiB | uringsend-copy |" in table and table in proc.stdout
+
+
+def test_json_only_writes_only_json_for_the_sizes_asked(tmp_path):
+    proc = run_bench(tmp_path, "--json-only", "--sizes", "4K,64K", "--requests", "8")
+    assert sorted(os.listdir(tmp_path)) == sorted(["latest.json", os.path.basename(proc.stdout.strip())])
+    result = json.loads((tmp_path / "latest.json").read_text())
+    assert result["config"]["counts"] == {"4096": 8, "65536": 8}
