@@ -122,7 +122,7 @@ def main(argv=None):
         for name in senders.CONTENDERS:
             contenders[name] = senders.make(name)
             conns[name] = server.connect(workers[0], name, 1)[0]
-        result["latency"] = sections.latency(plan, contenders, conns, workers[0], files, log)
+        result["latency"], result["release"] = sections.latency(plan, contenders, conns, workers[0], files, log)
         result["throughput"] = sections.throughput(plan, contenders, conns, workers[0], files, log)
         for sender in contenders.values():
             sender.close()

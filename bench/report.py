@@ -146,14 +146,14 @@ def markdown(result):
         "",
         "### Latency: request sent → last byte received by the client (µs)",
         "",
-        "| size | contender | p50 | p99 | p99.9 | p50 vs splice | p99 vs splice | released p50 / p99 | ZC notifs copied/zero-copy |",
+        "| size | contender | p50 | p99 | p99.9 | p50 vs splice | p99 vs splice | submit → all released p50 / p99 | ZC notifs copied/zero-copy |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for size in cfg["sizes"]:
         for name in result["contenders"]:
             row = result["latency"][name][str(size)]
-            rel = (f"{_f(row['release_p50_us'])} / {_f(row['release_p99_us'])}"
-                   if "release_p50_us" in row else "–")
+            rel = result["release"].get(name, {}).get(str(size))
+            rel = f"{_f(rel['p50_us'])} / {_f(rel['p99_us'])}" if rel else "–"
             lines.append(f"| {size_label(size)} | {name} | {_f(row['p50_us'])} | {_f(row['p99_us'])} | "
                          f"{_f(row['p999_us'])} | {_x(row['ratio_p50_vs_splice'])} | "
                          f"{_x(row['ratio_p99_vs_splice'])} | {rel} | {_zc(row)} |")

@@ -114,7 +114,8 @@ class ZcCounter:
 
 
 def latency(plan, contenders, conns, worker, files, log):
-    """Request -> response latency, one connection per contender, warm-up excluded."""
+    """Request -> response latency at the client, one connection per contender, warm-up
+    excluded; and, for stable modes, submission -> last chunk released at the server."""
     samples = {(name, size): [] for name in contenders for size in plan.sizes}
     released = {(name, size): [] for name in contenders for size in plan.sizes}
     zc = ZcCounter()
@@ -135,19 +136,16 @@ def latency(plan, contenders, conns, worker, files, log):
                                                   files.fds[size], size, n)
                 samples[name, size].append(worker.result())
         log(f"latency round {rnd + 1}/{plan.rounds} done")
-    out = {}
+    out, release = {}, {}
     for name in names:
         out[name] = {}
         for size in plan.sizes:
             ns = [v for chunk in samples[name, size] for v in memoryview(chunk).cast("q")]
-            row = summary_us(ns)
+            out[name][str(size)] = summary_us(ns)
+            out[name][str(size)].update(zc.row((name, size)))
             if released[name, size]:
-                rel = summary_us(released[name, size])
-                row["release_p50_us"] = rel["p50_us"]
-                row["release_p99_us"] = rel["p99_us"]
-            row.update(zc.row((name, size)))
-            out[name][str(size)] = row
-    return out
+                release.setdefault(name, {})[str(size)] = summary_us(released[name, size])
+    return out, release
 
 
 def throughput(plan, contenders, conns, worker, files, log):

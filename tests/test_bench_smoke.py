@@ -42,7 +42,9 @@ def test_every_contender_and_size_has_latency_percentiles_and_ratios(tiny):
             assert 0 < row["p50_us"] <= row["p99_us"] <= row["p999_us"]
             assert row["ratio_p50_vs_splice"] > 0 and row["ratio_p99_vs_splice"] > 0
             if name in STABLE:
-                assert 0 < row["release_p50_us"] <= row["release_p99_us"]
+                release = result["release"][name][size]
+                assert release["n"] == row["n"] and 0 < release["p50_us"] <= release["p99_us"]
+    assert sorted(result["release"]) == sorted(STABLE)
     assert result["latency"]["splice"]["4096"]["ratio_p50_vs_splice"] == 1.0
 
 
