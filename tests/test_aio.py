@@ -1,0 +1,382 @@
+"""uringsend.aio: transfers driven by an asyncio loop through the ring's eventfd, with streams and
+raw non-blocking sockets; cancellation never lets a buffer go before the kernel released it."""
+import asyncio
+import errno
+import os
+import socket
+
+import pytest
+
+import uringsend
+import uringsend.aio
+from uringsend import _lowlevel as ll
+from uringsend.aio import AsyncRing
+from uringsend.ring import SETUP_ATTEMPTS
+from conftest import sha, tcp_pair
+
+MODES = ["splice", "zerocopy", "mmap", "copy", "auto"]
+RELEASING = ["zerocopy", "mmap"]  # modes whose buffers wait for SEND_ZC notifications
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+def accepted_flags():
+    flags = [f for f in SETUP_ATTEMPTS if ll.try_setup(8, f) == 0]
+    if not flags:
+        pytest.skip("io_uring_setup accepts none of the ring's setup flag sets")
+    return flags
+
+
+def nonblocking_pair(rcvbuf=None):
+    client, peer = tcp_pair(rcvbuf)
+    client.setblocking(False)
+    peer.setblocking(False)
+    return client, peer
+
+
+async def read_all(peer, n):
+    """Read exactly n bytes from a non-blocking socket on the running loop."""
+    loop = asyncio.get_running_loop()
+    data = bytearray()
+    while len(data) < n:
+        chunk = await loop.sock_recv(peer, min(1 << 20, n - len(data)))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+class CountingRing(AsyncRing):
+    """Counts wake-ups that came through the eventfd (not from the reap after a submission)."""
+
+    wakes = 0
+
+    def _wake(self):
+        self.wakes += 1
+        super()._wake()
+
+
+@pytest.mark.parametrize("flags", range(len(SETUP_ATTEMPTS)))
+def test_eventfd_wakes_the_loop(flags, make_file):
+    """With DEFER_TASKRUN completions are posted only when the task enters GETEVENTS: the eventfd
+    must still fire when they are queued, or a transfer that waits for socket space never ends."""
+    if SETUP_ATTEMPTS[flags] not in accepted_flags():
+        pytest.skip(f"kernel refuses setup flags {SETUP_ATTEMPTS[flags]:#x}")
+    path, data = make_file((8 << 20) + 11)
+
+    async def main():
+        client, peer = nonblocking_pair(rcvbuf=16384)
+        with client, peer:
+            async with CountingRing(setup_flags=SETUP_ATTEMPTS[flags]) as aring:
+                handle = aring.sendfile(client, path, mode="copy")
+                got = await read_all(peer, len(data))
+                assert await handle == len(data)
+                return got, aring.wakes, aring.ring.setup_flags
+
+    got, wakes, setup = run(main())
+    assert sha(got) == sha(data)
+    assert wakes > 0
+    if flags == 0:
+        assert "DEFER_TASKRUN" in setup
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_streams_writer_then_header_and_body(mode, make_file):
+    """A StreamWriter's bytes, flushed, come first; then the header and the body as one stream."""
+    path, data = make_file((1 << 20) + 3)
+    header = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(data)
+
+    async def main():
+        async with AsyncRing() as aring:
+            results = []
+
+            async def handle(reader, writer):
+                await reader.readline()
+                writer.write(b"preamble\n")
+                await writer.drain()
+                transfer = aring.sendfile(writer.get_extra_info("socket"), path, mode=mode, header=header)
+                results.append(await transfer)
+                writer.close()
+                await writer.wait_closed()
+
+            server = await asyncio.start_server(handle, "127.0.0.1", 0)
+            async with server:
+                reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+                writer.write(b"GET\n")
+                got = await reader.read()
+                writer.close()
+                await writer.wait_closed()
+            return got, results
+
+    got, results = run(main())
+    assert results == [len(data)]
+    assert got[:9] == b"preamble\n" and got[9:9 + len(header)] == header
+    assert sha(got[9 + len(header):]) == sha(data)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_raw_nonblocking_socket(mode, make_file):
+    path, data = make_file((3 << 20) + 5)
+
+    async def main():
+        client, peer = nonblocking_pair(rcvbuf=65536)
+        with client, peer:
+            async with AsyncRing() as aring:
+                handle = aring.sendfile(client, path, mode=mode, header=b"head")
+                got = await read_all(peer, len(data) + 4)
+                sent = await handle
+                if handle.mode == "splice":
+                    with pytest.raises(uringsend.ReleaseNotReported):
+                        await handle.released()
+                else:
+                    assert await handle.released() == sent
+                return got, handle.transfer, aring.statistics()
+
+    got, t, stats = run(main())
+    assert got == b"head" + data and t.sent == len(data)
+    if t.mode == "splice":
+        assert all(e.kind == "queued" for e in t.events if e.offset is not None)
+    else:
+        assert t.settled
+        assert sum(e.nbytes for e in t.events if e.kind == "released" and e.offset is not None) == len(data)
+    assert stats["pending_notifs"] == 0 and stats["transfers_active"] == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cancelling_the_awaiting_task_cancels_the_transfer(mode, make_file):
+    """The peer does not read, so the transfer stalls; cancelling the task that awaits it cancels
+    it. Zero-copy buffers stay held (the kernel still references them from the socket's queue)
+    until the peer reads and the notifications arrive; the ring keeps reaping on its own until
+    then, and only then do the buffers go back to the pool."""
+    path, data = make_file(32 << 20)
+
+    async def main():
+        client, peer = nonblocking_pair(rcvbuf=16384)
+        with client, peer:
+            async with AsyncRing(trace=True) as aring:
+                handle = aring.sendfile(client, path, mode=mode)
+                task = asyncio.create_task(_await(handle))
+                await asyncio.sleep(0)  # let the task start waiting
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                with pytest.raises(uringsend.TransferCancelled) as exc:
+                    await handle
+                assert exc.value.errno == errno.ECANCELED
+                held = aring.statistics()
+                got = await read_all(peer, handle.sent)
+                if handle.mode != "splice":  # splice reports no release; it settles when done
+                    with pytest.raises(uringsend.TransferCancelled):
+                        await handle.released()
+                return handle.transfer, held, aring.statistics(), got, aring.ring.ledger.trace
+
+    t, held, stats, got, trace = run(main())
+    assert t.done and t.settled and t.sent < len(data)
+    assert got == data[:t.sent]
+    if t.mode in RELEASING:
+        assert held["pending_notifs"] > 0
+        if t.mode == "zerocopy":
+            assert held["buffers_free"] < held["buffers_total"]
+        zc = {ud for _, op, ud, _, flags in trace if op is not None and op.zerocopy and flags & ll.IORING_CQE_F_MORE}
+        notified = {ud for _, op, ud, _, flags in trace if flags & ll.IORING_CQE_F_NOTIF}
+        assert zc and zc <= notified
+    assert stats["pending_notifs"] == 0 and stats["pending_ops"] == 0
+    assert stats["buffers_free"] == stats["buffers_total"]
+
+
+async def _await(handle):
+    return await handle
+
+
+def test_streams_peer_reset_mid_send(make_file):
+    """A peer reset makes the stream transport close its socket; the transfer (on its own fd)
+    fails with the socket's error and nothing else is written to a reused fd number."""
+    path, data = make_file(32 << 20)
+
+    async def main():
+        async with AsyncRing() as aring:
+            outcome = asyncio.get_running_loop().create_future()
+
+            async def handle(reader, writer):
+                await reader.readline()
+                transfer = aring.sendfile(writer.get_extra_info("socket"), path)
+                try:
+                    await transfer
+                    outcome.set_result(None)
+                except OSError as exc:
+                    outcome.set_result(exc)
+                writer.close()
+
+            server = await asyncio.start_server(handle, "127.0.0.1", 0)
+            async with server:
+                client = socket.create_connection(server.sockets[0].getsockname()[:2])
+                client.setblocking(False)
+                loop = asyncio.get_running_loop()
+                await loop.sock_sendall(client, b"GET\n")
+                await loop.sock_recv(client, 65536)  # the body is flowing
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                client.close()
+                # fd numbers freed by the transport are taken again at once
+                reused = [socket.socketpair() for _ in range(4)]
+                error = await outcome
+                leaked = []
+                for a, b in reused:
+                    b.setblocking(False)
+                    try:
+                        leaked.append(b.recv(1))
+                    except BlockingIOError:
+                        pass
+                    a.close()
+                    b.close()
+                return error, leaked, aring.statistics()
+
+    error, leaked, stats = run(main())
+    assert isinstance(error, (ConnectionResetError, BrokenPipeError))
+    assert leaked == []
+    assert stats["transfers_active"] == 0
+
+
+def test_closing_the_callers_socket_does_not_redirect_the_transfer(make_file):
+    """The transfer holds its own fd: closing the caller's socket object mid-send frees the fd
+    number, and a socket that takes it receives nothing; the original peer gets every byte."""
+    path, data = make_file(8 << 20)
+
+    async def main():
+        client, peer = nonblocking_pair(rcvbuf=16384)
+        with peer:
+            async with AsyncRing() as aring:
+                handle = aring.sendfile(client, path, mode="copy")
+                number = client.fileno()
+                client.close()
+                a, b = socket.socketpair()
+                with a, b:
+                    assert number in (a.fileno(), b.fileno())
+                    got = await read_all(peer, len(data))
+                    assert await handle == len(data)
+                    b.setblocking(False)
+                    a.setblocking(False)
+                    with pytest.raises(BlockingIOError):
+                        (b if a.fileno() == number else a).recv(1)
+                return got
+
+    assert sha(run(main())) == sha(data)
+
+
+def test_close_file_hands_the_fd_over(make_file):
+    path, data = make_file(100_000)
+
+    async def main():
+        client, peer = nonblocking_pair()
+        with client, peer:
+            async with AsyncRing() as aring:
+                fd = os.open(path, os.O_RDONLY)
+                handle = aring.sendfile(client, fd, mode="mmap", close_file=True)
+                got = await read_all(peer, len(data))
+                await handle.released()
+                with pytest.raises(OSError) as exc:
+                    os.fstat(fd)
+                assert exc.value.errno == errno.EBADF
+                with pytest.raises(TypeError):
+                    aring.sendfile(client, path, close_file=True)
+                return got
+
+    assert run(main()) == data
+
+
+@pytest.mark.parametrize("mode", ["auto", "zerocopy", "splice"])
+def test_sendfile_convenience(mode, make_file):
+    path, data = make_file((2 << 20) + 1)
+
+    async def main():
+        client, peer = nonblocking_pair()
+        with client, peer:
+            reader = asyncio.create_task(read_all(peer, len(data) + 2))
+            t = await uringsend.aio.sendfile(client, path, mode=mode, header=b"h\n")
+            return t, await reader
+
+    t, got = run(main())
+    assert got == b"h\n" + data and t.sent == len(data) and t.done
+    assert t.settled or t.mode == "splice"
+
+
+def test_cancelled_convenience_call_closes_its_ring(make_file):
+    """The cancelled call's own ring waits for the kernel's releases (the peer must read for
+    them to come) before it closes; the peer got an exact prefix of the file."""
+    path, data = make_file(32 << 20)
+
+    async def main():
+        client, peer = nonblocking_pair(rcvbuf=16384)
+        with client, peer:
+            got = bytearray()
+
+            async def drain():
+                loop = asyncio.get_running_loop()
+                while True:
+                    got.extend(await loop.sock_recv(peer, 1 << 20))
+
+            task = asyncio.create_task(uringsend.aio.sendfile(client, path, mode="zerocopy"))
+            await asyncio.sleep(0)  # the call has submitted and waits
+            task.cancel()
+            reader = asyncio.create_task(drain())
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            reader.cancel()
+            try:
+                while True:
+                    got.extend(peer.recv(1 << 20))
+            except BlockingIOError:
+                pass
+            return bytes(got)
+
+    got = run(main())
+    assert len(got) < len(data) and got == data[:len(got)]
+
+
+def test_aclose_cancels_running_transfers(make_file):
+    path, data = make_file(32 << 20)
+
+    async def main():
+        client, peer = nonblocking_pair(rcvbuf=16384)
+        with client, peer:
+            aring = AsyncRing()
+            handle = aring.sendfile(client, path, mode="zerocopy")
+            closing = asyncio.create_task(aring.aclose())
+            with pytest.raises(uringsend.TransferCancelled):
+                await handle
+            got = await read_all(peer, handle.sent)  # lets the kernel release the buffers
+            await closing
+            assert aring.closed and aring.ring.kept_alive == 0
+            with pytest.raises(ValueError):
+                aring.sendfile(client, path)
+            return handle.transfer, got
+
+    t, got = run(main())
+    assert t.settled and t.sent < len(data) and got == data[:t.sent]
+
+
+def test_aclose_keeps_unreleased_memory_alive(make_file):
+    """A peer that never reads keeps zero-copy buffers referenced: when the close times out the
+    ring keeps that memory for the life of the process rather than free it under the kernel."""
+    path, data = make_file(32 << 20)
+
+    async def main():
+        client, peer = nonblocking_pair(rcvbuf=16384)
+        with client, peer:
+            aring = AsyncRing()
+            handle = aring.sendfile(client, path, mode="zerocopy")
+            with pytest.warns(ResourceWarning):
+                await aring.aclose(timeout=0.2)
+            assert aring.closed and aring.ring.kept_alive > 0
+            with pytest.raises(ValueError):
+                await handle.released()
+            return handle.transfer
+
+    t = run(main())
+    assert t.done and not t.settled
+
+
+def test_needs_a_running_loop():
+    with pytest.raises(RuntimeError):
+        AsyncRing()

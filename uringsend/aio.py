@@ -1,0 +1,254 @@
+"""asyncio integration: transfers driven by the event loop, woken by an eventfd.
+
+The ring signals an eventfd (io_uring_register_eventfd) when completions are ready; with
+DEFER_TASKRUN the signal comes when deferred completion work is queued, and that work is posted to
+the CQ by the GETEVENTS that ``Ring.poll`` enters (observed on Linux 6.18 for every mode, including
+completions that waited for socket space). The loop watches the eventfd; on each wake, and once
+after every submission (a send can complete inline, before any signal is read), it reads the
+eventfd first, so a signal raised while reaping is never lost, then reaps until the ring is empty
+and resolves the waiters. Submission and reaping stay on the loop's thread, which owns the ring.
+"""
+import asyncio
+import os
+
+from .ring import Ring, _sock_fd
+
+
+class AsyncRing:
+    """A ``Ring`` driven by the running asyncio loop. Create it on the loop's thread (inside a
+    coroutine); it accepts every ``Ring`` option. Close it with ``await ring.aclose()`` or
+    ``async with``: transfers still running are cancelled and their memory waited for."""
+
+    def __init__(self, entries=256, **options):
+        self._loop = asyncio.get_running_loop()
+        self.ring = Ring(entries, **options)
+        self._active = {}       # Transfer -> AsyncTransfer, until the transfer settles
+        self._reap_due = False
+        self._closing = False
+        self._idle = None       # resolved by the reaper when nothing is left in flight (aclose)
+        try:
+            self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        except BaseException:
+            self.ring.close()
+            raise
+        try:
+            self.ring.register_eventfd(self._efd)
+            self._loop.add_reader(self._efd, self._wake)
+        except BaseException:
+            self.ring.close()
+            os.close(self._efd)
+            raise
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.aclose()
+
+    @property
+    def closed(self):
+        return self.ring.closed
+
+    def sendfile(self, sock, file, offset=0, count=None, *, mode="auto", header=b"", on_release=None,
+                 close_file=False):
+        """Start a transfer (arguments as ``Ring.sendfile``); returns an ``AsyncTransfer`` at once.
+
+        ``close_file``: ``file`` is an fd that this call takes over (once it returns) and closes
+        when the transfer settles, so a server can hand a file off and move on.
+        The transfer works on its own duplicate of the socket's fd, closed when the transfer is
+        done: a stream transport that closes its socket (peer reset) mid-send cannot make a later
+        chain write to whatever reused that fd number, and once done the duplicate no longer keeps
+        the socket open (closing it is what lets a reset connection give back zero-copy pages).
+        """
+        if self._closing or self.ring.closed:
+            raise ValueError("the ring is closed")
+        if asyncio.get_running_loop() is not self._loop:
+            raise RuntimeError("an AsyncRing is driven only by the event loop that created it")
+        if close_file and (not isinstance(file, int) or isinstance(file, bool)):
+            raise TypeError("close_file=True takes over a file descriptor: pass an int")
+        fd = os.dup(_sock_fd(sock))
+        try:
+            transfer = self.ring.sendfile(fd, file, offset, count, mode=mode, header=header,
+                                          on_release=on_release)
+        except BaseException:
+            os.close(fd)
+            raise
+        handle = AsyncTransfer(self, transfer, fd, file if close_file else None)
+        self._active[transfer] = handle
+        self._schedule_reap()
+        return handle
+
+    def statistics(self):
+        return self.ring.statistics()
+
+    async def aclose(self, timeout=None):
+        """Cancel running transfers and wait (at most ``timeout``, default the ring's
+        ``close_timeout``) until the kernel released everything; then close. Memory still held
+        when time runs out is kept alive by the ring, never freed."""
+        if self.ring.closed:
+            return
+        self._closing = True
+        timeout = self.ring.close_timeout if timeout is None else timeout
+        try:
+            for transfer in list(self._active):
+                transfer.cancel()
+            self._reap()
+            if not self._quiet():
+                self._idle = self._loop.create_future()
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._idle), timeout)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            self._teardown()
+
+    # ---- reaping -----------------------------------------------------------------------------
+    def _schedule_reap(self):
+        if not self._reap_due:
+            self._reap_due = True
+            self._loop.call_soon(self._reap)
+
+    def _wake(self):
+        self._reap()
+
+    def _reap(self):
+        self._reap_due = False
+        ring = self.ring
+        if ring.closed:
+            return
+        try:
+            os.eventfd_read(self._efd)
+        except BlockingIOError:
+            pass
+        # Ring.poll pumps ready engines only after it reaped something; a cancelled or starved
+        # engine can be ready with no completion to come, so pump it here.
+        ring._pump_ready()
+        try:
+            while ring.poll(0):
+                pass
+        except InterruptedError:
+            self._schedule_reap()  # a signal arrived; its handler has run: reap again soon
+        for transfer, handle in list(self._active.items()):
+            if transfer.done:
+                handle._close_sock()
+                handle._resolve(handle._done_waiters)
+            if transfer.settled:
+                del self._active[transfer]
+                handle._close_file()
+                handle._resolve(handle._settled_waiters)
+        if self._idle is not None and self._quiet() and not self._idle.done():
+            self._idle.set_result(None)
+
+    def _quiet(self):
+        return not self._active and not len(self.ring.ledger)
+
+    def _teardown(self):
+        self._loop.remove_reader(self._efd)
+        self.ring.close(timeout=0)
+        os.close(self._efd)
+        for transfer, handle in self._active.items():
+            for waiters, ready in ((handle._done_waiters, transfer.done),
+                                   (handle._settled_waiters, transfer.settled)):
+                if ready:
+                    handle._resolve(waiters)
+                else:
+                    handle._fail(waiters, _closed_error())
+            handle._close_sock()
+            handle._close_file()
+        self._active.clear()
+
+
+class AsyncTransfer:
+    """One transfer on an ``AsyncRing``. ``await handle`` returns the file bytes sent (or raises
+    the transfer's error); ``await handle.released()`` waits until the kernel released every
+    buffer or page it used. Cancelling a task awaiting either cancels the transfer; its buffers
+    stay with the ring until their release arrives, and the ring keeps reaping until then.
+    Every ``Transfer`` attribute (sent, events, mode, ...) reads through."""
+
+    def __init__(self, aring, transfer, sock_fd, file_fd):
+        self.transfer = transfer
+        self._aring = aring
+        self._sock_fd = sock_fd
+        self._file_fd = file_fd
+        self._done_waiters = []
+        self._settled_waiters = []
+
+    def __getattr__(self, name):
+        return getattr(self.transfer, name)
+
+    def __repr__(self):
+        return f"<AsyncTransfer {self.transfer!r}>"
+
+    def __await__(self):
+        return self._wait(self._done_waiters, lambda t: t.done).__await__()
+
+    async def released(self):
+        if self.transfer.mode == "splice":
+            self.transfer.wait_released(0)  # raises ReleaseNotReported: splice never reports one
+        return await self._wait(self._settled_waiters, lambda t: t.settled)
+
+    def cancel(self):
+        """Cancel the transfer (``Transfer.cancel``); awaiting it then raises TransferCancelled."""
+        if not self._aring.closed:  # a closed ring already cancelled everything it ran
+            self.transfer.cancel()
+            self._aring._schedule_reap()
+
+    async def _wait(self, waiters, ready):
+        transfer = self.transfer
+        if self._aring.closed and not ready(transfer):
+            raise _closed_error()
+        if not ready(transfer):
+            waiter = self._aring._loop.create_future()
+            waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                self.cancel()
+                raise
+        return transfer.wait(0)
+
+    def _resolve(self, waiters):
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        waiters.clear()
+
+    def _fail(self, waiters, error):
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(error)
+        waiters.clear()
+
+    def _close_sock(self):
+        if self._sock_fd is not None:
+            os.close(self._sock_fd)
+            self._sock_fd = None
+
+    def _close_file(self):
+        if self._file_fd is not None:
+            os.close(self._file_fd)
+            self._file_fd = None
+
+
+def _closed_error():
+    return ValueError("the ring was closed before this transfer settled")
+
+
+async def sendfile(sock, file, offset=0, count=None, *, mode="auto", header=b"", on_release=None,
+                   ring=None):
+    """Send and wait until every buffer or page is released (splice: until sent); returns the
+    finished Transfer. ``ring``: an ``AsyncRing`` to use; without one, a ring is made for this
+    call and closed after it (a cancelled call still waits, bounded, for the kernel's releases)."""
+    own = ring is None
+    if own:
+        ring = AsyncRing(64)
+    try:
+        handle = ring.sendfile(sock, file, offset, count, mode=mode, header=header, on_release=on_release)
+        if handle.mode == "splice":
+            await handle
+        else:
+            await handle.released()
+        return handle.transfer
+    finally:
+        if own:
+            await ring.aclose()
