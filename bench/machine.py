@@ -22,12 +22,13 @@ def _cpu_model():
 
 
 def _commit():
-    """The source tree's commit, '+' when uringsend/ has uncommitted changes (None outside git)."""
+    """The source tree's commit, '+' when tracked files in uringsend/ have uncommitted changes
+    (None outside git)."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(uringsend.__file__)))
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True,
                               text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "uringsend"], cwd=repo,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "uringsend"], cwd=repo,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None

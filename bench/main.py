@@ -48,7 +48,7 @@ ANY = 1 << 62
 PRESETS = {
     # 2000+ samples beyond warm-up for the small sizes: p99 rests on 50 samples, p99.9 on 5
     "full": dict(counts={64 * KiB: 5000, 1 * MiB: 1000, ANY: 200}, rounds=5, stream_size=256 * MiB,
-                 stream_reps=5, cost_reps=4, clients=[1, 16, 64], concurrency_size=64 * KiB,
+                 stream_reps=9, cost_reps=4, clients=[1, 16, 64], concurrency_size=64 * KiB,
                  concurrency_warmup=0.5, concurrency_duration=3.0),
     "quick": dict(counts={64 * KiB: 600, 1 * MiB: 150, ANY: 24}, rounds=2, stream_size=256 * MiB,
                   stream_reps=2, cost_reps=2, clients=[1, 16, 64], concurrency_size=64 * KiB,
