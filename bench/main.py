@@ -68,7 +68,9 @@ def parse_size(text):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m bench", description=(
+        "uringsend vs blocking splice/sendfile/read+send over loopback: latency, release, "
+        "throughput, cost, concurrency. Writes JSON, Markdown and plots."))
     speed = p.add_mutually_exclusive_group()
     speed.add_argument("--quick", action="store_true", help="every contender and section at reduced counts (< 60 s)")
     speed.add_argument("--tiny", action="store_true", help="minimal counts, for the smoke test (~15 s); "
