@@ -1,0 +1,460 @@
+"""The static-file HTTP server, fetched by real clients (curl, http.client, raw sockets): exact
+bodies, ranges, HEAD, keep-alive, and every safety case (nothing outside the served directory is
+ever opened, let alone read; limits and timeouts; clients that stall or vanish mid-body)."""
+import asyncio
+import ctypes
+import email.utils
+import hashlib
+import http.client
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from uringsend.server import start_server
+from conftest import sha
+
+SIZES = {"empty.bin": 0, "one.bin": 1, "page.txt": 4095, "4k.bin": 4096, "odd.bin": 65543,
+         "1m.bin": 1 << 20, "5m.bin": (5 << 20) + 1}
+SECRET = b"TOP-SECRET-" + os.urandom(8).hex().encode()
+MODES = ["auto", "splice", "zerocopy", "mmap", "copy"]
+RESET = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # SO_LINGER {on, 0 s}: close() sends a reset
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """www/ with files of every size, a sub-directory, a FIFO and symlinks in and out; secrets
+    beside it. Returns (www path, {name: sha256})."""
+    base = tmp_path_factory.mktemp("server")
+    www = base / "www"
+    (www / "sub" / "dir").mkdir(parents=True)
+    digests = {}
+    for name, size in SIZES.items():
+        data = os.urandom(size)
+        (www / name).write_bytes(data)
+        digests[name] = sha(data)
+    (www / "index.html").write_bytes(b"<!doctype html><title>index</title>\n")
+    (www / "sub" / "dir" / "note.txt").write_bytes(b"deep\n")
+    (base / "secret.txt").write_bytes(SECRET)
+    (base / "secrets").mkdir()
+    (base / "secrets" / "inner.txt").write_bytes(SECRET)
+    os.symlink("../secret.txt", www / "escape.txt")
+    os.symlink(str(base / "secret.txt"), www / "absolute-escape.txt")
+    os.symlink("../secrets", www / "outside")
+    os.symlink("4k.bin", www / "inside-link.bin")
+    os.mkfifo(www / "fifo")
+    return www, digests
+
+
+@pytest.fixture(scope="module")
+def big_file(tree):
+    www, _ = tree
+    path = www / "64m.bin"
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        for _ in range(16):
+            chunk = os.urandom(4 << 20)
+            h.update(chunk)
+            f.write(chunk)
+    yield path, h.hexdigest()
+    path.unlink()
+
+
+class ServerThread:
+    """The server on its own loop in a background thread, stopped (and fully closed) on exit."""
+
+    def __init__(self, root, mode="auto", **limits):
+        self.ready = threading.Event()
+        self.error = None
+        self.thread = threading.Thread(target=asyncio.run, args=(self._main(root, mode, limits),), daemon=True)
+        self.thread.start()
+        self.ready.wait(30)
+        if self.error is not None:
+            raise self.error
+
+    async def _main(self, root, mode, limits):
+        try:
+            self.loop = asyncio.get_running_loop()
+            self.stop = asyncio.Event()
+            self.server = await start_server(root, "127.0.0.1", 0, mode, **limits)
+            self.port = self.server.port
+        except BaseException as exc:
+            self.error = exc
+            raise
+        finally:
+            self.ready.set()
+        await self.stop.wait()
+        await self.server.aclose()
+
+    def statistics(self):
+        async def stats():
+            return self.server.statistics()
+        return asyncio.run_coroutine_threadsafe(stats(), self.loop).result(10)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.loop.call_soon_threadsafe(self.stop.set)
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "server thread did not stop"
+
+
+def fetch(port, path, method="GET", headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(method, path, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def raw(port, request, rcvbuf=None):
+    """Send raw request bytes; read until the server closes. Returns everything received."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(request)
+        chunks = []
+        while True:
+            chunk = s.recv(1 << 16)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+
+def status_of(response):
+    return int(response.split(b" ", 2)[1])
+
+
+def curl(port, path, out, *args):
+    """curl into ``out``; returns (status, headers text)."""
+    proc = subprocess.run(["curl", "-sS", "--path-as-is", "-o", str(out), "-D", "-", *args,
+                           f"http://127.0.0.1:{port}{path}"], capture_output=True, timeout=60, check=True)
+    head = proc.stdout.decode("latin-1")
+    return int(head.split(" ", 2)[1]), head
+
+
+need_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed (make deps installs it)")
+
+
+# ---- bodies ------------------------------------------------------------------------------------
+@need_curl
+@pytest.mark.parametrize("mode", MODES)
+def test_every_size_is_byte_identical(mode, tree, tmp_path):
+    www, digests = tree
+    with ServerThread(www, mode) as srv:
+        for name, digest in digests.items():
+            status, head = curl(srv.port, f"/{name}", tmp_path / "out")
+            assert status == 200
+            assert f"Content-Length: {SIZES[name]}\r\n" in head
+            assert sha((tmp_path / "out").read_bytes()) == digest, name
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+        try:
+            for name, digest in digests.items():
+                conn.request("GET", f"/{name}")
+                resp = conn.getresponse()
+                assert resp.status == 200 and sha(resp.read()) == digest, name
+        finally:
+            conn.close()
+        assert srv.statistics()["ring"]["transfers_active"] == 0
+
+
+@need_curl
+def test_64_mib_file(big_file, tree, tmp_path):
+    www, _ = tree
+    path, digest = big_file
+    with ServerThread(www) as srv:
+        status, head = curl(srv.port, "/64m.bin", tmp_path / "out")
+        assert status == 200 and f"Content-Length: {64 << 20}\r\n" in head
+        assert sha((tmp_path / "out").read_bytes()) == digest
+
+
+@need_curl
+def test_curl_range_and_head(tree, tmp_path):
+    www, _ = tree
+    data = (www / "odd.bin").read_bytes()
+    with ServerThread(www) as srv:
+        status, head = curl(srv.port, "/odd.bin", tmp_path / "out", "-r", "100-4195")
+        assert status == 206 and f"Content-Range: bytes 100-4195/{len(data)}\r\n" in head
+        assert (tmp_path / "out").read_bytes() == data[100:4196]
+        status, head = curl(srv.port, "/odd.bin", tmp_path / "out", "-I")
+        assert status == 200 and f"Content-Length: {len(data)}\r\n" in head
+        assert (tmp_path / "out").read_bytes().endswith(b"Connection: keep-alive\r\n\r\n")  # no body
+
+
+@pytest.mark.parametrize("spec,status,part", [
+    ("bytes=0-99", 206, (0, 100)),
+    ("bytes=100-", 206, (100, None)),
+    ("bytes=-100", 206, (-100, None)),
+    ("bytes=65000-999999", 206, (65000, None)),       # end past EOF is clamped
+    ("bytes=-999999", 206, (0, None)),                # suffix longer than the file: all of it
+    ("bytes=65543-", 416, None),                      # first byte past EOF
+    ("bytes=-0", 416, None),
+    ("bytes=9-5", 200, (0, None)),                    # invalid: ignored
+    ("bytes=0-1,5-6", 200, (0, None)),                # several ranges: ignored
+    ("items=0-5", 200, (0, None)),                    # unknown unit: ignored
+    ("bytes=x-5", 200, (0, None)),
+])
+def test_range(spec, status, part, tree):
+    www, _ = tree
+    data = (www / "odd.bin").read_bytes()
+    with ServerThread(www) as srv:
+        got, headers, body = fetch(srv.port, "/odd.bin", headers={"Range": spec})
+    assert got == status
+    if status == 416:
+        assert headers["Content-Range"] == f"bytes */{len(data)}"
+        return
+    expected = data[part[0]:part[1]]
+    assert body == expected and int(headers["Content-Length"]) == len(expected)
+    if status == 206:
+        start = len(data) - len(expected)if part[0] < 0 else part[0]
+        assert headers["Content-Range"] == f"bytes {start}-{start + len(expected) - 1}/{len(data)}"
+
+
+def test_range_of_an_empty_file_is_unsatisfiable(tree):
+    www, _ = tree
+    with ServerThread(www) as srv:
+        status, headers, _ = fetch(srv.port, "/empty.bin", headers={"Range": "bytes=0-"})
+    assert status == 416 and headers["Content-Range"] == "bytes */0"
+
+
+def test_head_and_headers(tree):
+    www, _ = tree
+    with ServerThread(www) as srv:
+        status, headers, body = fetch(srv.port, "/page.txt", "HEAD")
+        assert status == 200 and body == b"" and headers["Content-Length"] == "4095"
+        assert headers["Content-Type"] == "text/plain; charset=utf-8"
+        assert headers["Accept-Ranges"] == "bytes"
+        mtime = int(os.stat(www / "page.txt").st_mtime)
+        assert headers["Last-Modified"] == email.utils.formatdate(mtime, usegmt=True)
+        assert fetch(srv.port, "/4k.bin")[1]["Content-Type"] == "application/octet-stream"
+        status, headers, body = fetch(srv.port, "/")
+        assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+        assert body == (www / "index.html").read_bytes()
+        assert fetch(srv.port, "/sub/dir/note.txt")[2] == b"deep\n"
+        assert fetch(srv.port, "/inside-link.bin")[2] == (www / "4k.bin").read_bytes()
+        assert fetch(srv.port, "/4k.bin?query=1#frag")[0] == 200
+        assert fetch(srv.port, "/%34k.bin")[2] == (www / "4k.bin").read_bytes()  # %34 is '4'
+
+
+def test_keep_alive_reuses_one_connection(tree):
+    www, digests = tree
+    with ServerThread(www) as srv:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+        try:
+            conn.request("GET", "/1m.bin")
+            first = conn.getresponse()
+            assert sha(first.read()) == digests["1m.bin"]
+            sock = conn.sock
+            conn.request("HEAD", "/missing")       # an error answer keeps the connection too
+            assert conn.getresponse().read() == b""
+            conn.request("GET", "/odd.bin")
+            second = conn.getresponse()
+            assert sha(second.read()) == digests["odd.bin"]
+            assert conn.sock is sock
+        finally:
+            conn.close()
+        stats = srv.statistics()
+    assert stats["accepted"] == 1 and stats["requests"] == 3
+
+
+def test_pipelined_requests_are_answered_in_order(tree):
+    www, _ = tree
+    with ServerThread(www) as srv:
+        got = raw(srv.port, b"GET /one.bin HTTP/1.1\r\nHost: x\r\n\r\nGET /page.txt HTTP/1.1\r\nHost: x\r\n\r\n"
+                            b"GET /4k.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    bodies = [(www / n).read_bytes() for n in ("one.bin", "page.txt", "4k.bin")]
+    parts = got.split(b"\r\n\r\n")
+    assert [status_of(p) for p in (parts[0], parts[1][len(bodies[0]):], parts[2][len(bodies[1]):])] == [200] * 3
+    assert got.endswith(bodies[2]) and parts[1].startswith(bodies[0]) and parts[2].startswith(bodies[1])
+
+
+def test_http_1_0_closes_after_the_response(tree):
+    www, _ = tree
+    with ServerThread(www) as srv:
+        got = raw(srv.port, b"GET /one.bin HTTP/1.0\r\n\r\n")
+    assert status_of(got) == 200 and b"Connection: close\r\n" in got
+    assert got.endswith((www / "one.bin").read_bytes())
+
+
+# ---- safety ------------------------------------------------------------------------------------
+class Inotify:
+    """Watches paths for IN_OPEN and IN_ACCESS: proof that the server never opened them."""
+
+    IN_ACCESS, IN_OPEN = 0x1, 0x20
+
+    def __init__(self, *paths):
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self.libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0:
+            pytest.skip(f"inotify_init1: {os.strerror(ctypes.get_errno())}")
+        for path in paths:
+            if self.libc.inotify_add_watch(self.fd, os.fsencode(path), self.IN_OPEN | self.IN_ACCESS) < 0:
+                os.close(self.fd)
+                pytest.skip(f"inotify_add_watch: {os.strerror(ctypes.get_errno())}")
+
+    def events(self):
+        try:
+            return os.read(self.fd, 65536)
+        except BlockingIOError:
+            return b""
+
+    def close(self):
+        os.close(self.fd)
+
+
+TRAVERSALS = [
+    ("/../secret.txt", 403), ("/%2e%2e/secret.txt", 403), ("/%2E%2E%2Fsecret.txt", 403),
+    ("/..%2fsecret.txt", 403), ("/sub/../../secret.txt", 403), ("/sub/%2e%2e/%2e%2e/secret.txt", 403),
+    ("/.%2e/secret.txt", 403), ("/escape.txt", 403), ("/absolute-escape.txt", 403),
+    ("/outside/inner.txt", 403), ("/outside/", 403), ("/%00", 400), ("/4k.bin%00.txt", 400),
+    ("//etc/passwd", 404), ("/etc/passwd", 404), ("/fifo", 404), ("/sub/", 404),
+    ("/missing.bin", 404), ("/4k.bin/x", 404),
+]
+
+
+def test_traversal_attempts_never_touch_anything_outside(tree):
+    www, _ = tree
+    base = www.parent
+    watch = Inotify(base / "secret.txt", base / "secrets" / "inner.txt", base / "secrets")
+    try:
+        with ServerThread(www) as srv:
+            for target, expected in TRAVERSALS:
+                got = raw(srv.port, b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % target.encode())
+                assert status_of(got) == expected, target
+                assert SECRET not in got
+            if shutil.which("curl"):
+                for target in ("/../secret.txt", "/%2e%2e/secret.txt", "/escape.txt", "/outside/inner.txt"):
+                    status, _ = curl(srv.port, target, base / "curl-out")
+                    assert status == 403 and SECRET not in (base / "curl-out").read_bytes()
+        assert watch.events() == b"", "the server opened or read a file outside its directory"
+    finally:
+        watch.close()
+
+
+@pytest.mark.parametrize("request_bytes,status", [
+    (b"POST /4k.bin HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", 405),
+    (b"DELETE /4k.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 405),
+    (b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 405),
+    (b"GARBAGE\r\n\r\n", 400),
+    (b"GET /4k.bin HTTP/2.0\r\nHost: x\r\n\r\n", 400),
+    (b"GET /4k.bin HTTP/1.1\r\n\r\n", 400),                                   # no Host
+    (b"GET 4k.bin HTTP/1.1\r\nHost: x\r\n\r\n", 400),                          # not origin-form
+    (b"GET /4k.bin HTTP/1.1\r\nHost: x\r\nBroken header\r\n\r\n", 400),
+    (b"GET /4k.bin HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello", 400),
+    (b"GET /4k.bin HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    (b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 431),
+    (b"GET /4k.bin HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 20000 + b"\r\n\r\n", 431),
+    (b"GET /4k.bin HTTP/1.1\r\nHost: x\r\n" + b"X-F: 1\r\n" * 150 + b"\r\n", 431),
+])
+def test_bad_requests(request_bytes, status, tree):
+    www, _ = tree
+    with ServerThread(www) as srv:
+        got = raw(srv.port, request_bytes)
+        assert status_of(got) == status
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert body == b"%d " % status + head.split(b"\r\n")[0].split(b" ", 2)[2] + b"\n"
+        if status == 405:
+            assert b"\r\nAllow: GET, HEAD\r\n" in head
+        assert fetch(srv.port, "/one.bin")[0] == 200  # and the server goes on
+
+
+def wait_hangup(sock, timeout=10):
+    """Block until the socket is reset or hung up (POLLERR/POLLHUP), not merely readable."""
+    poller = select.poll()
+    poller.register(sock, 0)  # POLLERR and POLLHUP are always reported
+    return poller.poll(timeout * 1000)
+
+
+def test_idle_and_slow_request_heads_time_out(tree):
+    www, _ = tree
+    with ServerThread(www, idle_timeout=0.3) as srv:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as idle, \
+                socket.create_connection(("127.0.0.1", srv.port), timeout=10) as slow:
+            slow.sendall(b"GET /4k.bin HTTP/1.1\r\nHo")  # and nothing more
+            assert idle.recv(1) == b""
+            assert slow.recv(1) == b""
+        assert srv.statistics()["requests"] == 0
+
+
+@pytest.mark.parametrize("mode", ["auto", "zerocopy", "mmap"])
+def test_stalled_reader_is_cut_off(mode, tree):
+    """A client that stops reading mid-body: after send_timeout without progress the server
+    cancels its transfer and resets the connection (which releases zero-copy pages at once)."""
+    www, digests = tree
+    with ServerThread(www, mode, send_timeout=0.3) as srv:
+        client = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        with client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.sendall(b"GET /5m.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert wait_hangup(client), "the server did not give up on a stalled client"
+        assert sha(fetch(srv.port, "/5m.bin")[2]) == digests["5m.bin"]
+        stats = srv.statistics()["ring"]
+        assert stats["pending_notifs"] == 0 and stats["buffers_free"] == stats["buffers_total"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_client_vanishing_mid_body_costs_only_its_transfer(mode, tree):
+    www, digests = tree
+    with ServerThread(www, mode) as srv:
+        for _ in range(3):
+            client = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.sendall(b"GET /5m.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert client.recv(4096).startswith(b"HTTP/1.1 200 OK\r\n")
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
+            client.close()
+        assert sha(fetch(srv.port, "/5m.bin")[2]) == digests["5m.bin"]
+
+
+def test_connection_limit(tree):
+    www, _ = tree
+    with ServerThread(www, max_connections=2) as srv:
+        held = [http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10) for _ in range(2)]
+        try:
+            for conn in held:  # each connection is being served (its handler is running)
+                conn.request("GET", "/one.bin")
+                assert conn.getresponse().read() == (www / "one.bin").read_bytes()
+            got = raw(srv.port, b"GET /one.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert status_of(got) == 503
+        finally:
+            for conn in held:
+                conn.close()
+        assert srv.statistics()["refused"] == 1
+
+
+# ---- command line ------------------------------------------------------------------------------
+def test_serve_command_runs_with_no_arguments():
+    """`python -m uringsend serve` with no DIR serves a generated demo tree, stops on SIGINT."""
+    proc = subprocess.Popen([sys.executable, "-m", "uringsend", "serve", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        assert match, (line, proc.stderr.read() if proc.poll() is not None else "")
+        port = int(match.group(1))
+        status, _, body = fetch(port, "/")
+        assert status == 200 and b"hello.txt" in body
+        assert fetch(port, "/hello.txt")[2].startswith(b"Hello from uringsend")
+        assert len(fetch(port, "/1m.bin")[2]) == 1 << 20
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert "stopped: 3 requests" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_serve_command_refuses_a_missing_directory(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "uringsend", "serve", str(tmp_path / "nope"), "--port", "0"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "not a directory" in proc.stderr
