@@ -385,3 +385,37 @@ def test_non_blocking_socket_that_fills(mode, make_file):
             eagain = [r for _, op, _, r, _ in ring.ledger.trace if op is not None and r == -errno.EAGAIN]
             polls = [op for _, op, _, _, _ in ring.ledger.trace if op is not None and op.role == "poll"]
             assert eagain and polls, "expected -EAGAIN splices re-armed by POLL_ADD"
+
+
+@pytest.mark.parametrize("mode", ["copy", "mmap"])
+def test_large_file_rss_stays_bounded(mode, make_file, tcp):
+    """Pages of a large file's mapping are dropped from the page tables as they are released, so
+    RSS follows what is in flight, not the file size."""
+    import hashlib
+    import psutil
+    path, data = make_file(96 << 20)
+    client, peer = tcp
+    digest = hashlib.sha256()
+
+    def drain():
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        while True:
+            n = peer.recv_into(buf)
+            if not n:
+                return
+            digest.update(view[:n])
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    proc = psutil.Process()
+    base = proc.memory_info().rss
+    peak = [base]
+    with uringsend.Ring() as ring:
+        t = ring.sendfile(client, path, mode=mode,
+                          on_release=lambda e: peak.append(proc.memory_info().rss))
+        t.wait_released(60)
+    client.shutdown(socket.SHUT_WR)
+    reader.join(60)
+    assert digest.hexdigest() == sha(data)
+    assert (max(peak) - base) <= 24 << 20, f"RSS grew {(max(peak) - base) >> 20} MiB"

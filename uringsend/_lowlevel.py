@@ -2,6 +2,7 @@
 
 Everything above this module sees plain Python ints, tuples and exceptions.
 """
+import mmap
 import os
 import struct
 
@@ -44,6 +45,7 @@ OPCODE_NAMES = (
     "FUTEX_WAIT", "FUTEX_WAKE", "FUTEX_WAITV", "FIXED_FD_INSTALL", "FTRUNCATE", "BIND", "LISTEN",
     "RECV_ZC", "EPOLL_WAIT", "READV_FIXED", "WRITEV_FIXED", "PIPE",
 )
+PAGE = mmap.PAGESIZE
 _OUR_NAMES = {OP_SEND_ZC_FIXED: "SEND_ZC_FIXED"}
 
 
@@ -195,6 +197,13 @@ class FileMapping:
         self.length = length
         if err[0]:
             raise OSError(-err[0], f"mmap of fd {fd} ({length} bytes at {offset}): {os.strerror(-err[0])}")
+
+    def drop(self, offset, length):
+        """Unmap the whole pages inside [offset, offset+length) from the page tables (not the file)."""
+        start = -(-offset // PAGE) * PAGE
+        stop = (offset + length) // PAGE * PAGE
+        if stop > start and self.address:
+            _check(lib.us_drop_pages(self.address + start, stop - start), "madvise(MADV_DONTNEED)")
 
     def unmap(self):
         if self.address:

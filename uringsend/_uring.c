@@ -223,3 +223,11 @@ int us_unmap(uint64_t addr, uint64_t length)
 {
     return munmap((void *)(uintptr_t)addr, length) ? -errno : 0;
 }
+
+/* Drop the page-table entries of a file mapping's range (the page cache keeps the data): RSS then
+ * stays bounded by what is in flight. Safe while the kernel holds the pages: pins hold the pages,
+ * not the mapping, and a later copy from the range faults them back in. */
+int us_drop_pages(uint64_t addr, uint64_t length)
+{
+    return madvise((void *)(uintptr_t)addr, length, MADV_DONTNEED) ? -errno : 0;
+}

@@ -67,3 +67,4 @@ int us_probe_ops(unsigned char *supported, unsigned n);
 int us_ring_fd(struct io_uring *ring);
 uint64_t us_map_file(int fd, uint64_t length, int64_t offset, int *err);
 int us_unmap(uint64_t addr, uint64_t length);
+int us_drop_pages(uint64_t addr, uint64_t length);

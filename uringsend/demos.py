@@ -178,6 +178,9 @@ def _cqe_row(entry, start_ns):
     return row
 
 
+NOTIFY_CHUNK = 256 << 10
+
+
 def notify(mode="mmap", size=4 << 20, slow_reader=False, timeout=30.0, progress=None):
     """One transfer's timeline, one row per CQE, and a summary of its sent and released chunks."""
     pace = dict(rcvbuf=SLOW_RCVBUF, piece=SLOW_PIECE, pause=SLOW_PIECE / SLOW_RATE) if slow_reader else {}
@@ -186,7 +189,8 @@ def notify(mode="mmap", size=4 << 20, slow_reader=False, timeout=30.0, progress=
         def on_release(ev):
             progress(f"notify: {t.released_bytes()} of {size} bytes released")
     with datafile(size) as (path, data), loopback(**pace) as link:
-        with Ring(trace=True) as ring:
+        # 256 KiB chunks: several releases even for a small file, so the timeline shows them
+        with Ring(trace=True, chunk_size=NOTIFY_CHUNK, copy_chunk_size=NOTIFY_CHUNK) as ring:
             t = ring.sendfile(link.client, path, mode=mode, on_release=on_release)
             got = _settle(t, link, timeout)
             trace = list(ring.ledger.trace)

@@ -27,6 +27,7 @@ HEADER_FLAGS = SEND_FLAGS | socket.MSG_MORE             # header and body leave 
 REPORT_USAGE = ll.IORING_SEND_ZC_REPORT_USAGE
 _RETRY = (-errno.ECANCELED, -errno.EINTR, -512, -errno.EAGAIN)  # -512: ERESTARTSYS from a cancel
 MAX_STALLS = 8  # chains in a row that moved no byte before the transfer gives up
+CHAIN_BYTES = 8 << 20  # bytes one chain of a mapping-based transfer may carry
 
 
 class Engine:
@@ -304,6 +305,7 @@ class MapEngine(Engine):
         self.auto = auto
         self.mode = "mmap" if zerocopy else "copy"  # what was asked; self.zc says what runs
         self.chunk = ring.chunk_size if zerocopy else ring.copy_chunk_size
+        self.window = max(1, min(Engine.window, CHAIN_BYTES // self.chunk))
         self.map_key = self.map = None
         if end > start:
             self.map_key, self.map = ring.mappings.acquire(file_fd, st)
@@ -338,14 +340,18 @@ class MapEngine(Engine):
             return True
         if super()._send_error(op, res):
             self.chunk = self.ring.copy_chunk_size
+            self.window = max(1, min(Engine.window, CHAIN_BYTES // self.chunk))
             return True
         return False
 
     def _let_go(self, op):
         if op.role == "header":
             op.keep.unpin()
-        elif op.zerocopy:
+            return
+        if op.zerocopy:
             self.ring._unreserve_zc(op.len)
+        if self.map.length > self.ring.mappings.large:
+            self.map.drop(op.offset, op.len)  # keep RSS to what is in flight
 
     def _teardown(self):
         if self.map is not None:

@@ -144,12 +144,13 @@ class PipePool:
 
 class MappingCache:
     """Read-only mappings of whole files, shared by the transfers that send them, so the mapping
-    cost (and its page faults) is paid once per file. Keyed by device, inode, size and mtime: a
+    cost (and its page faults) is paid once per file (for files up to ``large`` bytes). Keyed by device, inode, size and mtime: a
     file that changed size or was replaced gets a new mapping. Up to ``keep`` idle mappings stay;
     a busy one is unmapped only when its last transfer has nothing in the kernel any more."""
 
-    def __init__(self, keep=64):
+    def __init__(self, keep=64, large=16 << 20):
         self.keep = keep
+        self.large = large  # larger mappings are not kept idle, and shed pages as they are released
         self._maps = {}  # key -> [FileMapping, users]
         self._idle = collections.OrderedDict()
         self.created = 0
@@ -168,6 +169,9 @@ class MappingCache:
         entry = self._maps[key]
         entry[1] -= 1
         if entry[1] == 0:
+            if entry[0].length > self.large:
+                self._maps.pop(key)[0].unmap()
+                return
             self._idle[key] = None
             while len(self._idle) > self.keep:
                 old, _ = self._idle.popitem(last=False)

@@ -8,6 +8,7 @@ import collections
 import errno
 import functools
 import os
+import resource
 import socket
 import stat
 import threading
@@ -28,6 +29,9 @@ SETUP_ATTEMPTS = (
     _F["SUBMIT_ALL"] | _F["COOP_TASKRUN"],
     0,
 )
+# Bumped in a forked child: rings created before the fork belong to the parent.
+_forks = [0]
+os.register_at_fork(after_in_child=lambda: _forks.__setitem__(0, _forks[0] + 1))
 # Objects the kernel may still reference after their ring was closed (notifications pending at
 # close): kept alive for the life of the process rather than freed or reused.
 _kept_alive = []
@@ -68,7 +72,7 @@ class Ring:
     """
 
     def __init__(self, entries=256, *, cq_entries=0, buffers=16, buffer_size=256 << 10,
-                 chunk_size=256 << 10, copy_chunk_size=1 << 20, pipe_size=None, zc_budget=None,
+                 chunk_size=1 << 20, copy_chunk_size=1 << 20, pipe_size=None, zc_budget=None,
                  max_workers=32, close_timeout=5.0, setup_flags=None, trace=False):
         if not isinstance(entries, int) or not 1 <= entries <= 32768:
             raise ValueError(f"entries must be an int in 1..32768, not {entries!r}")
@@ -78,6 +82,7 @@ class Ring:
                 raise ValueError(f"{name} must be an int in 4096..2**30, not {value!r}")
         self._owner = threading.get_ident()
         self._pid = os.getpid()
+        self._fork = _forks[0]
         self._raw = None
         attempts = SETUP_ATTEMPTS if setup_flags is None else (setup_flags,)
         err = None
@@ -101,7 +106,7 @@ class Ring:
         self._pool = None
         self.chunk_size = chunk_size
         self.copy_chunk_size = copy_chunk_size
-        self.zc_budget = zc_budget if zc_budget is not None else 64 << 20
+        self.zc_budget = zc_budget if zc_budget is not None else _default_zc_budget()
         self._zc_pending = 0
         self._zc_waiters = []
         self.close_timeout = close_timeout
@@ -143,7 +148,7 @@ class Ring:
     def _check_owner(self):
         if self._raw is None:
             raise ValueError("the ring is closed")
-        if os.getpid() != self._pid:
+        if _forks[0] != self._fork:
             raise RingOwnerError(f"this ring belongs to process {self._pid}; io_uring requests "
                                  "cannot be submitted from a forked child: create a new Ring there")
         if threading.get_ident() != self._owner:
@@ -293,7 +298,7 @@ class Ring:
         reference when time runs out is kept alive for the life of the process, never freed."""
         if self._raw is None:
             return
-        if os.getpid() != self._pid:
+        if _forks[0] != self._fork:
             self._raw = None  # a forked child's copy: the parent owns the kernel side
             return
         self._check_owner()
@@ -323,7 +328,7 @@ class Ring:
             engine.drop_fds()
 
     def __del__(self):
-        if getattr(self, "_raw", None) is not None and os.getpid() == self._pid:
+        if getattr(self, "_raw", None) is not None and _forks[0] == self._fork:
             if len(self.ledger):
                 _kept_alive.append((self.ledger.ops(), self._pool, list(self._engines)))
             self._raw.close()
@@ -449,6 +454,15 @@ class Ring:
                 continue  # a signal: its Python handler runs here; then keep waiting
             if cqes:
                 self.ledger.dispatch(cqes, time.perf_counter_ns())
+
+
+def _default_zc_budget():
+    """Pages pinned by SEND_ZC count against RLIMIT_MEMLOCK unless the process may lock memory
+    (root): stay at half the limit so a send does not fail with ENOMEM."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if os.geteuid() == 0 or soft == resource.RLIM_INFINITY:
+        return 16 << 20
+    return max(64 << 10, min(16 << 20, soft // 2))
 
 
 def _nonneg(name, value):
