@@ -9,8 +9,10 @@ symlink swapped in between cannot redirect the read. Bounded: request head size 
 slow-client timeouts, concurrent connections (503 beyond).
 """
 import asyncio
+import ctypes
 import email.utils
 import errno
+import fcntl
 import mimetypes
 import os
 import signal
@@ -34,7 +36,7 @@ MAX_CONNECTIONS = 512
 _REASONS = {200: "OK", 206: "Partial Content", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
             405: "Method Not Allowed", 416: "Range Not Satisfiable",
             431: "Request Header Fields Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}
-_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY  # NONBLOCK: a FIFO must not block
 _RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets the connection
 
 
@@ -44,6 +46,37 @@ class _Reject(Exception):
     def __init__(self, status, close=False):
         self.status = status
         self.close = close
+
+
+class _Beneath:
+    """openat2(2) relative to a directory with RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS (Linux >=
+    5.6; the syscall number is the same on every architecture)."""
+
+    SYS_OPENAT2 = 437
+    RESOLVE_NO_MAGICLINKS = 0x02
+    RESOLVE_BENEATH = 0x08
+
+    class _How(ctypes.Structure):
+        _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+    def __init__(self, directory):
+        self._syscall = ctypes.CDLL(None, use_errno=True).syscall
+        self._syscall.restype = ctypes.c_long
+        self._how = self._How(_OPEN_FLAGS, 0, self.RESOLVE_BENEATH | self.RESOLVE_NO_MAGICLINKS)
+        self._how_ref = ctypes.byref(self._how)
+        self._how_size = ctypes.sizeof(self._how)
+        self.dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.works = True  # until the kernel says ENOSYS
+
+    def open(self, relative):
+        fd = self._syscall(self.SYS_OPENAT2, self.dir_fd, relative, self._how_ref, self._how_size)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        return fd
+
+    def close(self):
+        os.close(self.dir_fd)
 
 
 class _Connection:
@@ -83,6 +116,7 @@ class FileServer:
         self._server = None
         self._sweeper = None
         self._date = (0, "")
+        self._beneath = None
 
     @property
     def address(self):
@@ -104,11 +138,13 @@ class FileServer:
     async def start(self, host="127.0.0.1", port=8080):
         loop = asyncio.get_running_loop()
         self._aring = AsyncRing(1024)
+        self._beneath = _Beneath(self.root)
         try:
             self._server = await asyncio.start_server(self._client, host, port, limit=self.max_head,
                                                       reuse_address=True, backlog=1024)
         except BaseException:
             await self._aring.aclose()
+            self._beneath.close()
             raise
         period = max(0.05, min(self.idle_timeout, self.send_timeout) / 4)
         self._sweeper = loop.call_later(period, self._sweep, period)
@@ -131,6 +167,7 @@ class FileServer:
         if tasks:
             await asyncio.wait(tasks)
         await self._aring.aclose()
+        self._beneath.close()
         self._server = None
 
     # ---- connections -------------------------------------------------------------------------
@@ -142,8 +179,7 @@ class FileServer:
         loop = asyncio.get_running_loop()
         conn = _Connection(writer, asyncio.current_task(), loop.time())
         self._connections[writer] = conn
-        sock = writer.get_extra_info("socket")
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = writer.get_extra_info("socket")  # asyncio has set TCP_NODELAY on it
         try:
             while await self._exchange(reader, writer, sock, conn, loop):
                 pass
@@ -201,7 +237,8 @@ class FileServer:
             return keep_alive
         head = self._head(status, ctype, count, st.st_mtime, extra, keep_alive)
         try:
-            os.set_blocking(fd, True)  # opened O_NONBLOCK against FIFOs; reads must block
+            if self.mode not in ("copy", "mmap"):  # these map the file; the others read it
+                fcntl.fcntl(fd, fcntl.F_SETFL, 0)  # opened O_NONBLOCK against FIFOs; reads must block
             await writer.drain()  # nothing of ours may still sit in the transport's buffer
             transfer = self._aring.sendfile(sock, fd, start, count, mode=self.mode, header=head,
                                             close_file=True)
@@ -223,29 +260,40 @@ class FileServer:
         """End idle connections and responses that made no progress within the timeouts."""
         loop = asyncio.get_running_loop()
         now = loop.time()
-        for conn in list(self._connections.values()):
-            transfer = conn.transfer
-            if transfer is None:
-                if now - conn.since > self.idle_timeout:
-                    conn.writer.transport.abort()
-                continue
-            # Bytes the peer acknowledged move even while one large send is still running.
-            progress = (transfer.header_sent + transfer.sent, _bytes_acked(conn.writer.get_extra_info("socket")))
-            if progress != conn.progress:
-                conn.progress = progress
-                conn.since = now
-            elif now - conn.since > self.send_timeout:
-                # A reset frees at once whatever the stalled socket still holds (zero-copy pages
-                # included); the transfer's own fd closes when it is done.
-                conn.writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST)
-                transfer.cancel()
+        try:
+            for conn in list(self._connections.values()):
+                try:
+                    self._check(conn, now)
+                except OSError:
+                    conn.writer.transport.abort()  # its socket is already gone
+        finally:
+            self._sweeper = loop.call_later(period, self._sweep, period)
+
+    def _check(self, conn, now):
+        transfer = conn.transfer
+        if transfer is None:
+            if now - conn.since > self.idle_timeout:
                 conn.writer.transport.abort()
-        self._sweeper = loop.call_later(period, self._sweep, period)
+            return
+        # Bytes the peer acknowledged move even while one large send is still running.
+        sock = conn.writer.get_extra_info("socket")
+        progress = (transfer.header_sent + transfer.sent, _bytes_acked(sock))
+        if progress != conn.progress:
+            conn.progress = progress
+            conn.since = now
+        elif now - conn.since > self.send_timeout:
+            # A reset frees at once whatever the stalled socket still holds (zero-copy pages
+            # included); the transfer's own fd closes when it is done.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST)
+            transfer.cancel()
+            conn.writer.transport.abort()
 
     # ---- requests ----------------------------------------------------------------------------
     def _parse(self, head):
         """Request line and fields -> (method, target, keep_alive, Range field or None)."""
         lines = head.lstrip(b"\r\n").split(b"\r\n")[:-2]
+        if not lines:
+            raise _Reject(400, close=True)
         if len(lines) > MAX_FIELDS + 1:
             raise _Reject(431, close=True)
         parts = lines[0].split(b" ")
@@ -295,9 +343,29 @@ class FileServer:
         return fd, st, _content_type(os.path.splitext(path)[1])
 
     def _open_inside(self, parts):
-        """Open root/parts with every symlink resolved, only if the result lies inside the root;
-        then check again what the kernel actually opened, which closes the race with a symlink
-        swapped in after the check. Returns (fd, stat, path)."""
+        """Open root/parts only if it resolves to a file inside the root -> (fd, stat, path).
+
+        openat2(RESOLVE_BENEATH) has the kernel refuse (EXDEV) any step of the resolution that
+        leaves the root, race-free and in one call. What it refuses that may still be fine (a
+        symlink spelled as an absolute path into the root), or every path on kernels without
+        openat2, goes through realpath: every symlink resolved, the result must lie inside; then
+        what the kernel actually opened is checked again, which closes the race with a symlink
+        swapped in after the check.
+        """
+        relative = b"/".join(parts) or b"."
+        if self._beneath.works:
+            try:
+                fd = self._beneath.open(relative)
+                try:
+                    return fd, os.fstat(fd), relative
+                except BaseException:
+                    os.close(fd)
+                    raise
+            except OSError as exc:
+                if exc.errno == errno.ENOSYS:
+                    self._beneath.works = False
+                elif exc.errno != errno.EXDEV:
+                    raise _Reject(_status(exc)) from None
         path = self.root
         try:
             for part in parts:
@@ -307,7 +375,7 @@ class FileServer:
                     if not self._inside(path):
                         raise _Reject(403)
                     break
-            fd = os.open(path, _OPEN_FLAGS)
+            fd = os.open(path, _OPEN_FLAGS | os.O_NOFOLLOW)
         except OSError as exc:
             raise _Reject(_status(exc)) from None
         try:
