@@ -464,3 +464,19 @@ def test_serve_command_refuses_a_missing_directory(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "uringsend", "serve", str(tmp_path / "nope"), "--port", "0"],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "not a directory" in proc.stderr
+
+
+@pytest.mark.parametrize("mode", ["auto", "zerocopy"])
+def test_stopping_with_a_response_in_flight(mode, tree):
+    """aclose() with a stalled response and a refused client pending: transfers are cancelled,
+    connections dropped, everything closed (the fd check holds), in bounded time."""
+    www, _ = tree
+    with ServerThread(www, mode, max_connections=1) as srv:
+        stalled = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.sendall(b"GET /5m.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert stalled.recv(64).startswith(b"HTTP/1.1 200 OK")
+        refused = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        assert refused.recv(64).startswith(b"HTTP/1.1 503")
+    with stalled, refused:
+        assert wait_hangup(stalled)

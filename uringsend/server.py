@@ -3,10 +3,12 @@ uringsend transfer.
 
 GET and HEAD, keep-alive, Content-Length, Content-Type (from the extension), Last-Modified, one
 ``Range: bytes=`` range (206/416). Requests never reach outside the served directory: '..'
-segments (also percent-encoded) are refused, symlinks are resolved and their target must lie
-inside, and after opening, the path the kernel reports for the open fd is checked again, so a
-symlink swapped in between cannot redirect the read. Bounded: request head size (431), idle and
-slow-client timeouts, concurrent connections (503 beyond).
+segments (also percent-encoded) are refused; files are opened with openat2(RESOLVE_BENEATH), so
+the kernel itself refuses any step outside; where it cannot decide (no openat2, or a symlink
+spelled as an absolute path), every symlink is resolved with realpath and the target must lie
+inside, and the path the kernel reports for the opened fd is checked again, so a symlink swapped
+in between cannot redirect the read. Bounded: request head size (431), idle and slow-client
+timeouts, concurrent connections (503 beyond).
 """
 import asyncio
 import ctypes
@@ -112,6 +114,7 @@ class FileServer:
         self.accepted = 0
         self.refused = 0
         self._connections = {}
+        self._refusing = {}     # writer -> task, for connections answered 503
         self._aring = None
         self._server = None
         self._sweeper = None
@@ -125,10 +128,6 @@ class FileServer:
     @property
     def port(self):
         return self.address[1]
-
-    @property
-    def connections(self):
-        return len(self._connections)
 
     def statistics(self):
         """Counters of the server and of its ring."""
@@ -159,11 +158,14 @@ class FileServer:
         await self._server.wait_closed()
         # Handlers end on their own once their transport is gone or their transfer cancelled
         # (cancelling a stream handler's task makes asyncio 3.11 log an error for it).
-        tasks = [conn.task for conn in self._connections.values()]
+        tasks = [conn.task for conn in self._connections.values()] + list(self._refusing.values())
         for conn in self._connections.values():
             if conn.transfer is not None:
-                conn.transfer.cancel()
-            conn.writer.transport.abort()
+                _reset(conn)
+            else:
+                conn.writer.transport.abort()
+        for writer in self._refusing:
+            writer.transport.abort()
         if tasks:
             await asyncio.wait(tasks)
         await self._aring.aclose()
@@ -193,6 +195,7 @@ class FileServer:
         """503, then read until the client closes (for at most a second): closing with its request
         unread would reset the connection before the client saw the answer."""
         self.refused += 1
+        self._refusing[writer] = asyncio.current_task()
         writer.write(self._error_head(503, False))
         writer.write_eof()
         timer = asyncio.get_running_loop().call_later(1.0, writer.transport.abort)
@@ -203,6 +206,7 @@ class FileServer:
             pass
         finally:
             timer.cancel()
+            del self._refusing[writer]
             writer.close()
 
     async def _exchange(self, reader, writer, sock, conn, loop):
@@ -282,11 +286,7 @@ class FileServer:
             conn.progress = progress
             conn.since = now
         elif now - conn.since > self.send_timeout:
-            # A reset frees at once whatever the stalled socket still holds (zero-copy pages
-            # included); the transfer's own fd closes when it is done.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST)
-            transfer.cancel()
-            conn.writer.transport.abort()
+            _reset(conn)
 
     # ---- requests ----------------------------------------------------------------------------
     def _parse(self, head):
@@ -434,6 +434,18 @@ def _range(value, size):
         start = max(0, size - suffix)
         end = size - 1
     return 206, start, end - start + 1, f"Content-Range: bytes {start}-{end}/{size}\r\n"
+
+
+def _reset(conn):
+    """Cancel the response in flight and reset the connection: a reset frees at once whatever
+    the socket still holds (zero-copy pages included), where a close would wait for the peer to
+    read it. The transfer's own fd, the socket's last, closes when the transfer is done."""
+    try:
+        conn.writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST)
+    except OSError:
+        pass  # the transport already closed its socket
+    conn.transfer.cancel()
+    conn.writer.transport.abort()
 
 
 def _status(exc):
