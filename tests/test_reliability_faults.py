@@ -1,0 +1,351 @@
+"""Faults in flight: a file shrinking under a chain, a peer resetting, a peer that stops reading,
+cancellation racing completion, and the orphan notification of a link-cancelled SEND_ZC.
+
+The promise checked everywhere: a buffer is never reused while the kernel holds it, and the peer
+gets exactly the bytes the transfer says it sent — none lost, none invented.
+"""
+import collections
+import errno
+import os
+import random
+import select
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+import uringsend
+from uringsend import _lowlevel as ll
+from uringsend import Ring, TransferCancelled
+
+from conftest import Receiver, sha, tcp_pair
+from _faults import peer_reset, private_file, run_child, small_buffers
+
+MODES = ("splice", "zerocopy", "mmap", "copy")
+RELEASING = ("zerocopy", "mmap", "copy")
+CHUNK = 64 << 10
+F_MORE = ll.IORING_CQE_F_MORE
+F_NOTIF = ll.IORING_CQE_F_NOTIF
+
+
+def small_ring(**kw):
+    """A ring whose every mode moves CHUNK bytes per op, so that a stalled peer stalls it soon."""
+    kw.setdefault("buffers", 4)
+    return Ring(buffer_size=CHUNK, chunk_size=CHUNK, copy_chunk_size=CHUNK, pipe_size=CHUNK, **kw)
+
+
+def assert_clean(ring):
+    """Everything is back: no op or notification outstanding, every buffer and pipe returned."""
+    st = ring.statistics()
+    assert st["transfers_active"] == 0, st
+    assert st["pending_ops"] == 0, st
+    assert st["pending_notifs"] == 0, st
+    assert st["zc_bytes_unreleased"] == 0, st
+    assert st["buffers_free"] == st["buffers_total"], st
+    assert st["orphan_cqes"] == 0, st
+    assert st["queued_chains"] == 0, st
+    # an idle pipe holds no stale bytes that a later transfer would send
+    assert [p.pending() for p in ring.pipes._idle] == [0] * st["pipes_idle"]
+
+
+def notifs_per_op(trace):
+    """user_data -> number of NOTIF CQEs, for every zero-copy send that must get exactly one:
+    a result with F_MORE, or -ECANCELED (a link-cancelled SEND_ZC gets no F_MORE, yet a NOTIF)."""
+    due = {}
+    for _, op, user_data, res, flags in trace:
+        if op is None or not op.zerocopy:
+            continue
+        if flags & F_NOTIF:
+            due[user_data] = due.get(user_data, 0) + 1
+        elif flags & F_MORE or res == -errno.ECANCELED:
+            due.setdefault(user_data, 0)
+    return due
+
+
+# ---- 1. a short splice at the end of the file breaks the chain (SEMANTICS rule 1) ------------
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("cut", [2 * CHUNK, CHUNK + 100_000], ids=["at-chunk", "mid-chunk"])
+def test_file_truncated_under_a_chain_ends_short_with_exact_bytes(mode, cut, make_file):
+    """The file shrinks while the first send of a chain is blocked (the peer does not read yet),
+    so the later fills of that chain meet the new EOF: a short or empty fill breaks the link."""
+    path, data = make_file(8 * CHUNK)
+    client, peer = tcp_pair(rcvbuf=4096)
+    small_buffers(client)
+    gate = threading.Event()
+    rx = Receiver(peer, gate)
+    try:
+        with small_ring(trace=True) as ring:
+            t = ring.sendfile(client, path, mode=mode)
+            # The first send cannot finish while the peer does not read, and every later member
+            # of the chain is linked behind it: none of them has looked at the file yet.
+            ring.poll(0)
+            assert t.sent < CHUNK
+            os.truncate(path, cut)
+            gate.set()
+            assert t.wait(timeout=30) == cut
+            assert t.error is None and t.short and t.count == 8 * CHUNK
+            broken = [r for _, op, _, r, _ in ring.ledger.trace if op is not None and r == -errno.ECANCELED]
+            if mode in ("splice", "zerocopy"):
+                assert broken, "the short fill did not break the chain"
+            if mode == "splice":
+                # a mid-chunk cut leaves the fill's bytes in the pipe: accounted and drained
+                assert t.stranded == cut % CHUNK
+            else:
+                assert t.stranded == 0
+            ring.run_until_complete(timeout=30)
+            assert_clean(ring)
+        client.close()
+        got = rx.join()
+    finally:
+        gate.set()
+        client.close()
+        peer.close()
+    assert len(got) == cut
+    assert sha(got) == sha(data[:cut])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_count_past_eof_sends_the_file_and_reports_short(mode, make_file, tcp):
+    path, data = make_file(3 * CHUNK + 123)
+    client, peer = tcp
+    rx = Receiver(peer)
+    with small_ring() as ring:
+        t = ring.sendfile(client, path, 5, 10 * CHUNK, mode=mode)
+        assert t.wait(timeout=30) == len(data) - 5
+        assert t.short and t.count == 10 * CHUNK and t.stranded == 0
+        ring.run_until_complete(timeout=30)
+        assert_clean(ring)
+    client.close()
+    assert rx.join() == data[5:]
+
+
+# ---- 2. the peer resets mid-transfer --------------------------------------------------------
+def child_peer_reset(mode):
+    """In a child with SIGPIPE at its default (death): a peer that resets mid-transfer must end
+    the transfer with ECONNRESET/EPIPE and nothing else."""
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    f, data = private_file(16 << 20)
+    client, peer = tcp_pair(rcvbuf=64 << 10)
+    small_buffers(client, 64 << 10)
+    got = bytearray()
+
+    def read_then_reset():
+        while len(got) < 300_000:
+            got.extend(peer.recv(1 << 16))
+        peer_reset(peer)
+
+    reader = threading.Thread(target=read_then_reset)
+    out = {}
+    with small_ring(trace=True) as ring:
+        t = ring.sendfile(client, f, mode=mode)
+        reader.start()
+        try:
+            t.wait(timeout=30)
+            out["error"] = None
+        except OSError as exc:
+            out["error"] = type(exc).__name__
+            out["errno"] = exc.errno
+            out["message"] = str(exc)
+        reader.join()
+        ring.run_until_complete(timeout=30)
+        out["settled"] = t.settled
+        out["sent"] = t.sent
+        out["released"] = t.released_bytes()
+        offsets = [e.offset for e in t.events if e.kind == uringsend.RELEASED]
+        out["released_twice"] = len(offsets) - len(set(offsets))
+        out["peer_prefix_ok"] = bytes(got) == data[:len(got)]
+        out["notifs_per_op"] = sorted(set(notifs_per_op(ring.ledger.trace).values()))
+        out["stats"] = ring.statistics()
+        out["dirty_pipes"] = sum(p.pending() for p in ring.pipes._idle)
+    client.close()
+    f.close()
+    return out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_peer_reset_mid_transfer_fails_cleanly_without_sigpipe(mode):
+    code, out, err = run_child(child_peer_reset, mode)
+    assert code == 0, f"child died ({code}; -{signal.SIGPIPE} is SIGPIPE): {err[-2000:]}"
+    assert out["error"] in ("ConnectionResetError", "BrokenPipeError"), out
+    assert out["errno"] in (errno.ECONNRESET, errno.EPIPE)
+    assert f"fd " in out["message"]  # the message names the operation and the socket
+    assert out["peer_prefix_ok"]
+    assert out["settled"]
+    st = out["stats"]
+    assert st["pending_notifs"] == 0 and st["pending_ops"] == 0 and st["orphan_cqes"] == 0, st
+    assert st["buffers_free"] == st["buffers_total"], st
+    assert st["zc_bytes_unreleased"] == 0, st
+    assert out["dirty_pipes"] == 0
+    if mode in RELEASING:
+        # every chunk the socket took was released exactly once, and nothing else was
+        assert out["released"] == out["sent"] and out["released_twice"] == 0, out
+    if mode in ("zerocopy", "mmap"):
+        assert out["notifs_per_op"] == [1], out
+
+
+# ---- 3. the peer stops reading ----------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+def test_stalled_peer_costs_no_cpu_and_cancel_ends_it(mode, make_file):
+    path, data = make_file(16 << 20)
+    client, peer = tcp_pair(rcvbuf=4096)
+    small_buffers(client)
+    try:
+        with small_ring() as ring:
+            t = ring.sendfile(client, path, mode=mode)
+            while not select.select([peer], [], [], 0)[0]:
+                ring.poll(timeout=1)  # until the socket has taken what it can
+            cpu = time.process_time()
+            end = time.monotonic() + 2.0
+            while time.monotonic() < end:
+                ring.poll(timeout=0.25)
+                with pytest.raises(TimeoutError):
+                    t.wait(timeout=0.25)
+            cpu = time.process_time() - cpu  # every thread, io-wq workers included
+            assert cpu < 0.2, f"{cpu:.3f} s of CPU over 2 s of a stalled transfer"
+            assert not t.done
+
+            t.cancel()
+            with pytest.raises(TransferCancelled) as info:
+                t.wait(timeout=10)
+            assert info.value.errno == errno.ECANCELED
+            assert t.done and t.error is info.value
+            sent = t.sent
+            st = ring.statistics()
+            if mode in ("zerocopy", "mmap"):
+                # the socket still holds pages of sends that finished: no release until it lets go
+                assert st["pending_notifs"] > 0, st
+                assert not t.settled
+            if mode == "zerocopy":
+                assert st["buffers_free"] < st["buffers_total"], st
+            client.shutdown(socket.SHUT_WR)
+            got = Receiver(peer).join()
+            ring.run_until_complete(timeout=10)
+            assert t.settled
+            assert_clean(ring)
+    finally:
+        client.close()
+        peer.close()
+    assert len(got) == sent
+    assert sha(got) == sha(data[:sent])
+
+
+@pytest.mark.parametrize("mode", ["zerocopy", "mmap"])
+def test_buffers_held_by_a_stalled_socket_return_on_peer_reset(mode, make_file):
+    path, data = make_file(4 << 20)
+    client, peer = tcp_pair(rcvbuf=4096)
+    small_buffers(client)
+    try:
+        with small_ring() as ring:
+            t = ring.sendfile(client, path, mode=mode)
+            while not select.select([peer], [], [], 0)[0]:
+                ring.poll(timeout=1)
+            t.cancel()
+            with pytest.raises(TransferCancelled):
+                t.wait(timeout=10)
+            assert ring.statistics()["pending_notifs"] > 0
+            peer_reset(peer)  # an RST frees the socket's queue, and with it the pages
+            ring.run_until_complete(timeout=10)
+            assert t.settled
+            assert t.released_bytes() == t.sent
+            assert_clean(ring)
+    finally:
+        client.close()
+        peer.close()
+
+
+# ---- 4. cancellation racing completion --------------------------------------------------------
+def _cancel_race(iterations, make_file):
+    path, data = make_file(1 << 20)
+    client, peer = tcp_pair()
+    rx = Receiver(peer)
+    rng = random.Random(1234)
+    expected = bytearray()
+    outcomes = collections.Counter()
+    with open(path, "rb") as f, small_ring() as ring:
+        for i in range(iterations):
+            mode = MODES[i % len(MODES)]
+            offset = rng.randrange(len(data))
+            count = rng.randrange(1, 4 * CHUNK)
+            t = ring.sendfile(client, f, offset, count, mode=mode)
+            for _ in range(rng.randrange(3)):
+                ring.poll(0)
+            t.cancel()
+            try:
+                sent = t.wait(timeout=10)
+            except TransferCancelled as exc:
+                assert exc.errno == errno.ECANCELED
+                assert t.sent < min(count, len(data) - offset)
+                outcomes["cancelled"] += 1
+            else:
+                assert sent == t.sent == min(count, len(data) - offset)
+                outcomes["completed"] += 1
+            assert t.done and t.stranded == 0 or mode == "splice"
+            expected += data[offset:offset + t.sent]
+        ring.run_until_complete(timeout=30)
+        assert_clean(ring)
+    client.close()
+    got = rx.join()
+    peer.close()
+    assert outcomes["cancelled"] and outcomes["completed"], outcomes
+    assert len(got) == len(expected)
+    assert sha(got) == sha(expected)
+
+
+def test_cancel_racing_completion_has_one_outcome(make_file):
+    _cancel_race(1000, make_file)
+
+
+@pytest.mark.slow
+def test_cancel_racing_completion_has_one_outcome_10k(make_file):
+    _cancel_race(10_000, make_file)
+
+
+# ---- 5. the orphan notification of a link-cancelled SEND_ZC (SEMANTICS rule 12) ---------------
+def test_link_cancelled_send_zc_keeps_its_buffer_until_its_notif(make_file, tcp, monkeypatch):
+    """READ_FIXED fails (the fd is write-only), so its linked SEND_ZC completes -ECANCELED
+    without F_MORE, and a NOTIF follows anyway. The only buffer must stay out of the pool until
+    that NOTIF, and the next transfer may use it only then."""
+    path, data = make_file(3 * CHUNK)
+    client, peer = tcp
+    rx = Receiver(peer)
+    wronly = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        with small_ring(buffers=1, trace=True) as ring:
+            pool = ring._buffer_pool()
+            let_go_at = []  # (buffer index, trace length when it went back: the CQE being handled)
+            real_let_go = pool.let_go
+            monkeypatch.setattr(pool, "let_go", lambda i: (let_go_at.append((i, len(ring.ledger.trace))),
+                                                           real_let_go(i)))
+            broken = ring.sendfile(client, wronly, mode="zerocopy")
+            with pytest.raises(OSError) as info:
+                broken.wait(timeout=10)
+            assert info.value.errno == errno.EBADF
+            assert "read_fixed" in str(info.value)
+            good = ring.sendfile(client, path, mode="zerocopy")
+            assert good.wait_released(timeout=10) == len(data)
+            ring.run_until_complete(timeout=10)
+            assert_clean(ring)
+            st = ring.statistics()
+            assert st["buffers_total"] == 1
+            trace = ring.ledger.trace
+    finally:
+        os.close(wronly)
+    client.close()
+    assert rx.join() == data
+
+    cancelled = [(i, ud) for i, (_, op, ud, res, flags) in enumerate(trace)
+                 if op is not None and op.owner.t is broken and op.zerocopy and not flags & F_NOTIF]
+    assert len(cancelled) == 1
+    at, user_data = cancelled[0]
+    _, _, _, res, flags = trace[at]
+    assert res == -errno.ECANCELED and not flags & F_MORE, "the kernel's rule 12 case did not happen"
+    notif = [i for i, (_, op, ud, _, flags) in enumerate(trace) if ud == user_data and flags & F_NOTIF]
+    assert len(notif) == 1, "the link-cancelled SEND_ZC got no NOTIF (or several)"
+    # The buffer went back while its NOTIF was handled, not at the -ECANCELED result.
+    handled = [n - 1 for _, n in let_go_at]  # trace index of the CQE being handled at each let-go
+    assert at not in handled and notif[0] in handled, (at, notif, let_go_at)
+    # The next transfer's first use of the buffer completed after that NOTIF.
+    good_cqes = [i for i, (_, op, *_) in enumerate(trace) if op is not None and op.owner.t is good]
+    assert min(good_cqes) > notif[0]
