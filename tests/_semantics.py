@@ -1,0 +1,323 @@
+"""Helpers for the kernel-fact tests (tests/test_semantics_*.py): raw ops on a Ring, bounded
+waits, sockets that cannot take a byte, io-wq worker counts, and a bare syscall ring.
+
+Rule (SEMANTICS.md) -> test:
+  headers  test_semantics_links.py::test_constants_newer_than_liburing_2_3
+           test_semantics_links.py::test_extension_links_liburing_statically
+  1        test_semantics_links.py::test_short_file_to_pipe_splice_breaks_the_link_and_strands_bytes
+           test_semantics_links.py::test_splice_at_eof_and_short_tee_break_the_link
+           test_semantics_splice.py::test_splice_engine_never_asks_more_than_the_pipe_holds
+  2        test_semantics_links.py::test_short_send_without_waitall_keeps_the_link
+           test_semantics_links.py::test_send_with_waitall_breaks_the_link_only_when_cut_short
+           test_semantics_links.py::test_engines_send_with_waitall_and_never_hardlink
+  3        test_semantics_links.py::test_hardlink_runs_a_splice_after_eof_and_it_blocks
+  4        test_semantics_links.py::test_chain_ends_at_a_submission_boundary
+           test_semantics_links.py::test_prep_failure_inside_a_chain_cancels_every_member
+           test_semantics_links.py::test_raw_prep_takes_whole_chains_only
+           test_semantics_links.py::test_raw_prep_longer_than_the_sq_still_stops_at_a_chain_boundary
+             (xfail: RawRing.prep can split a chain)
+  5        test_semantics_splice.py::test_splice_always_runs_in_an_io_wq_worker
+           test_semantics_splice.py::test_each_blocked_splice_holds_a_worker_up_to_max_workers
+  6        test_semantics_splice.py::test_nonblocking_splice_completes_with_a_literal_eagain
+           test_semantics_splice.py::test_splice_engine_rearms_with_poll_after_eagain
+  7        test_semantics_splice.py::test_splice_offsets
+           test_semantics_splice.py::test_sendfile_leaves_the_file_position_alone
+  8        test_semantics_splice.py::test_cancelling_a_running_splice_leaks_erestartsys
+           test_semantics_splice.py::test_splice_engine_counts_bytes_a_cancel_strands
+  9        test_semantics_splice.py::test_pipe_sizes_round_up_and_stop_at_pipe_max_size
+           test_semantics_splice.py::test_new_pipes_shrink_past_pipe_user_pages_soft
+  10       test_semantics_splice.py::test_splice_is_a_mapping_later_writes_reach_the_peer
+  11       test_semantics_send_zc.py::test_send_zc_error_still_gets_f_more_and_a_notif
+           test_semantics_send_zc.py::test_send_zc_result_f_more_then_notif_same_user_data
+  12       test_semantics_send_zc.py::test_link_cancelled_send_zc_has_no_f_more_yet_a_notif
+  13       test_semantics_send_zc.py::test_notifs_arrive_out_of_submission_order
+  14       test_semantics_send_zc.py::test_notif_waits_for_the_peer_shutdown_does_not_release
+           test_semantics_send_zc.py::test_peer_close_with_unread_data_resets_and_releases
+           test_semantics_send_zc.py::test_buffer_changed_before_the_notif_changes_what_the_peer_gets
+  15       test_semantics_send_zc.py::test_report_usage_notif_res_is_a_flag_word
+  16       test_semantics_send_zc.py::test_send_zc_fixed_bad_index_or_range_is_efault
+           (RLIMIT_MEMLOCK: tests/test_reliability_*.py)
+  17       test_semantics_send_zc.py::test_cqe_skip_success_on_send_zc_is_einval_without_notif
+  18       test_semantics_lifetime.py::test_queue_exit_returns_at_once_and_the_kernel_keeps_the_pages
+  19       test_semantics_lifetime.py::test_thread_exit_cancels_its_io_wq_splices
+  20       test_semantics_lifetime.py::test_cq_overflow_stays_invisible_until_getevents
+  21       test_semantics_lifetime.py::test_closed_socket_stays_open_while_a_request_holds_it
+           test_semantics_lifetime.py::test_transfer_never_writes_to_a_reused_socket_fd_number
+             (xfail: engines reuse the socket's fd number after the caller closed it)
+  (a)      test_semantics_links.py::test_cancel_of_a_link_member_not_yet_issued_is_enoent
+           test_semantics_lifetime.py::test_defer_taskrun_issues_the_next_link_member_on_getevents
+           test_semantics_lifetime.py::test_ring_submit_runs_deferred_link_members
+  (b)      test_semantics_links.py::test_send_with_waitall_breaks_the_link_only_when_cut_short
+  (c)      test_semantics_splice.py::test_send_on_a_full_nonblocking_socket_is_poll_retried
+  (d)      test_semantics_send_zc.py::test_send_zc_error_still_gets_f_more_and_a_notif[EOPNOTSUPP]
+           test_semantics_send_zc.py::test_send_zc_on_unix_falls_back_to_copying_sends
+  (e)      test_semantics_splice.py::test_unaligned_file_to_pipe_splice_needs_one_page_more
+           test_semantics_splice.py::test_splice_engine_never_asks_more_than_the_pipe_holds
+
+Where this kernel does not do what SEMANTICS.md says, the test asserts what it does:
+  9   F_SETPIPE_SZ rounds up to a power of two pages (12289 bytes -> 16 KiB), not just to pages.
+  14  a peer's plain close() with unread bytes answers with an RST, which releases at once; FINs
+      (either side's shutdown(SHUT_WR)) do not release.
+  15  a SEND_ZC that sent nothing (it failed) also gets ZC_COPIED in its NOTIF.
+  19  only a queued splice completes -ECANCELED when its thread exits; a running one -ERESTARTSYS.
+"""
+import array
+import ctypes
+import fcntl
+import mmap
+import os
+import select
+import socket
+import struct
+import termios
+import threading
+import time
+
+import pytest
+
+from conftest import tcp_pair
+from uringsend import _lowlevel as ll
+from uringsend.ledger import Op
+
+PAGE = mmap.PAGESIZE
+F_MORE = ll.IORING_CQE_F_MORE
+F_NOTIF = ll.IORING_CQE_F_NOTIF
+ERESTARTSYS = 512  # kernel-internal errno that a cancelled splice leaks into its CQE
+SPLICE_F_NONBLOCK = 2
+LINGER_RST = struct.pack("ii", 1, 0)
+
+
+class Recorder:
+    """Owner of raw ops: the ledger sets ``op.res``; releases (NOTIFs) are recorded in order."""
+
+    def __init__(self):
+        self.released = []
+
+    def _on_result(self, op, res, now):
+        pass
+
+    def _on_release(self, op, copied, now):
+        self.released.append((op, copied))
+
+    def op(self, opcode, fd=-1, **kw):
+        return Op(self, opcode, fd, **kw)
+
+
+def submit(ring, *chains):
+    """Each chain is linked with IOSQE_IO_LINK (all but its last op)."""
+    for chain in chains:
+        ring._submit_chain(list(chain))
+    ring._flush()
+
+
+def submit_flagged(ring, pairs):
+    """Prepare ``[(op, sqe_flags)]`` exactly as given (e.g. IOSQE_IO_HARDLINK), in one submission."""
+    fields = []
+    for op, flags in pairs:
+        ring.ledger.add(op)
+        fields.append(op.fields(flags))
+    assert ring._raw.prep(fields) == len(fields)
+    ring._raw.submit()
+
+
+def wait_res(ring, *ops, timeout=10):
+    ring._drive(lambda: all(op.res is not None for op in ops), timeout)
+    return [op.res for op in ops]
+
+
+def wait_released(ring, rec, *ops, timeout=10):
+    ring._drive(lambda: all(any(o is op for o, _ in rec.released) for op in ops), timeout)
+
+
+def quiet(ring, until, seconds=0.3):
+    """Bounded wait asserting that ``until()`` stays false for ``seconds`` of reaping."""
+    with pytest.raises(TimeoutError):
+        ring._drive(until, seconds)
+
+
+def cancel(ring, rec, target):
+    """ASYNC_CANCEL ``target``; returns the cancel's own result."""
+    c = rec.op(ll.OP_ASYNC_CANCEL, addr=target.user_data)
+    submit(ring, [c])
+    return wait_res(ring, c)[0]
+
+
+def cqes(ring, op):
+    """(res, flags) of every CQE the trace holds for ``op``'s user_data, in arrival order."""
+    return [(res, flags) for _, _, ud, res, flags in ring.ledger.trace if ud == op.user_data]
+
+
+def stalled_pair(sndbuf=None):
+    """A TCP pair whose peer reads nothing yet. Its receive buffer is not tiny: a window smaller
+    than the loopback MSS can leave the sender on its persist timer for many seconds once the peer
+    reads. ``sndbuf`` fixes the sender's buffer (no autotuning), so that once full it stays full;
+    left to autotune, it grows past what the peer holds, so a SEND_ZC of BACKLOG bytes completes
+    with most of its pages still queued at the sender."""
+    client, peer = tcp_pair(rcvbuf=256 << 10)
+    if sndbuf:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    return client, peer
+
+
+BACKLOG = 2 << 20
+
+
+def pipe_pending(fd):
+    buf = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, buf, True)
+    return buf[0]
+
+
+def fill(sock):
+    """Send until the socket takes no more and stays so (on TCP, until the peer's window closed
+    too: until then ACKs keep making room). Returns the bytes it took."""
+    chunk = b"f" * 65536
+    n = 0
+    sock.setblocking(False)
+    try:
+        while True:
+            try:
+                while True:
+                    n += sock.send(chunk)
+            except BlockingIOError:
+                pass
+            if not select.select([], [sock], [], 0.1)[1]:
+                try:
+                    n += sock.send(chunk)
+                except BlockingIOError:
+                    return n
+    finally:
+        sock.setblocking(True)
+
+
+def read_exactly(sock, n, timeout=10):
+    sock.settimeout(timeout)
+    out = bytearray()
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        assert chunk, f"EOF after {len(out)} of {n} bytes"
+        out += chunk
+    sock.settimeout(None)
+    return bytes(out)
+
+
+def reset(sock):
+    """Close so that the other end gets an RST."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
+    sock.close()
+
+
+def workers(tid):
+    """io-wq worker threads of one task: named iou-wrk-<tid>."""
+    name = f"iou-wrk-{tid}"
+    n = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                n += f.read().strip() == name
+        except FileNotFoundError:
+            pass  # exited while we looked
+    return n
+
+
+def wait_for(predicate, timeout=5.0, what="condition"):
+    """Poll a condition the kernel changes without telling us (thread lists)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def in_thread(func, *args):
+    """Run ``func`` in a new thread (a new task: its own io-wq) and re-raise what it raised."""
+    box = {}
+
+    def run():
+        try:
+            box["result"] = func(*args)
+        except BaseException as exc:
+            box["error"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "helper thread did not finish"
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
+
+
+class SyscallRing:
+    """A bare io_uring driven by the raw syscalls, for facts liburing's helpers hide: a submit
+    without GETEVENTS, the SQ flags word, CQEs left in the kernel's overflow list."""
+
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _libc.syscall.restype = ctypes.c_long
+    NR_SETUP, NR_ENTER = 425, 426  # the same on every architecture that has io_uring
+    SETUP_CQSIZE = 1 << 3
+    ENTER_GETEVENTS = 1
+    SQ_CQ_OVERFLOW = 1 << 1
+
+    def __init__(self, entries, flags=0, cq_entries=0):
+        params = bytearray(120)  # struct io_uring_params
+        struct.pack_into("III", params, 0, entries, cq_entries,
+                         flags | (self.SETUP_CQSIZE if cq_entries else 0))
+        fd = self._libc.syscall(self.NR_SETUP, entries, (ctypes.c_char * 120).from_buffer(params))
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"io_uring_setup: {os.strerror(err)}")
+        self.fd = fd
+        self.sq_entries, self.cq_entries = struct.unpack_from("II", params, 0)
+        sq_head, self._sq_tail, sq_mask, _, self._sq_flags, _, sq_array = struct.unpack_from("7I", params, 40)
+        self._cq_head, self._cq_tail, cq_mask, _, _, self._cqes, _ = struct.unpack_from("7I", params, 80)
+        self.sq = mmap.mmap(fd, sq_array + 4 * self.sq_entries, offset=0)
+        self.cq = mmap.mmap(fd, self._cqes + 16 * self.cq_entries, offset=0x8000000)
+        self.sqes = mmap.mmap(fd, 64 * self.sq_entries, offset=0x10000000)
+        self._sq_mask = self._u32(self.sq, sq_mask)
+        self._cq_mask = self._u32(self.cq, cq_mask)
+        for i in range(self.sq_entries):
+            struct.pack_into("I", self.sq, sq_array + 4 * i, i)
+
+    @staticmethod
+    def _u32(m, off):
+        return struct.unpack_from("I", m, off)[0]
+
+    def queue(self, opcode, user_data, fd=-1, addr=0, length=0, op_flags=0, sqe_flags=0):
+        tail = self._u32(self.sq, self._sq_tail)
+        at = 64 * (tail & self._sq_mask)
+        self.sqes[at:at + 64] = struct.pack("BBHiQQIIQ24x", opcode, sqe_flags, 0, fd, 0, addr, length,
+                                            op_flags, user_data)
+        struct.pack_into("I", self.sq, self._sq_tail, (tail + 1) & 0xFFFFFFFF)
+
+    def enter(self, to_submit, flags=0):
+        ret = self._libc.syscall(self.NR_ENTER, self.fd, to_submit, 0, flags, None, 0)
+        if ret < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"io_uring_enter: {os.strerror(err)}")
+        return ret
+
+    @property
+    def sq_flags(self):
+        return self._u32(self.sq, self._sq_flags)
+
+    def reap(self):
+        """Every CQE visible in the CQ ring now, as (user_data, res, flags); no syscall."""
+        head = self._u32(self.cq, self._cq_head)
+        tail = self._u32(self.cq, self._cq_tail)
+        out = []
+        while head != tail:
+            out.append(struct.unpack_from("QiI", self.cq, self._cqes + 16 * (head & self._cq_mask)))
+            head = (head + 1) & 0xFFFFFFFF
+        struct.pack_into("I", self.cq, self._cq_head, head)
+        return out
+
+    def close(self):
+        for m in (self.sq, self.cq, self.sqes):
+            m.close()
+        os.close(self.fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
