@@ -521,6 +521,7 @@ def _run(root, args):
     async def main():
         server = await start_server(root, args.host, args.port, args.mode)
         host, port = server.address
+        host = f"[{host}]" if ":" in host else host
         print(f"serving {root} on http://{host}:{port}/ (mode {args.mode}); Ctrl-C stops", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
