@@ -15,7 +15,7 @@ Rule (SEMANTICS.md) -> test:
            test_semantics_links.py::test_prep_failure_inside_a_chain_cancels_every_member
            test_semantics_links.py::test_raw_prep_takes_whole_chains_only
            test_semantics_links.py::test_raw_prep_longer_than_the_sq_still_stops_at_a_chain_boundary
-             (xfail: RawRing.prep can split a chain)
+
   5        test_semantics_splice.py::test_splice_always_runs_in_an_io_wq_worker
            test_semantics_splice.py::test_each_blocked_splice_holds_a_worker_up_to_max_workers
   6        test_semantics_splice.py::test_nonblocking_splice_completes_with_a_literal_eagain
@@ -43,7 +43,7 @@ Rule (SEMANTICS.md) -> test:
   20       test_semantics_lifetime.py::test_cq_overflow_stays_invisible_until_getevents
   21       test_semantics_lifetime.py::test_closed_socket_stays_open_while_a_request_holds_it
            test_semantics_lifetime.py::test_transfer_never_writes_to_a_reused_socket_fd_number
-             (xfail: engines reuse the socket's fd number after the caller closed it)
+
   (a)      test_semantics_links.py::test_cancel_of_a_link_member_not_yet_issued_is_enoent
            test_semantics_lifetime.py::test_defer_taskrun_issues_the_next_link_member_on_getevents
            test_semantics_lifetime.py::test_ring_submit_runs_deferred_link_members

@@ -5,7 +5,7 @@ real kernel, at the raw syscall level where liburing's helpers would hide the fa
 19   test_thread_exit_cancels_its_io_wq_splices
 20   test_cq_overflow_stays_invisible_until_getevents
 21   test_closed_socket_stays_open_while_a_request_holds_it,
-     test_transfer_never_writes_to_a_reused_socket_fd_number (xfail: core bug)
+     test_transfer_never_writes_to_a_reused_socket_fd_number
 (a)  test_defer_taskrun_issues_the_next_link_member_on_getevents,
      test_ring_submit_runs_deferred_link_members
 """
@@ -127,8 +127,6 @@ def test_closed_socket_stays_open_while_a_request_holds_it():
         peer.close()
 
 
-@pytest.mark.xfail(strict=True, reason="engines name the socket by fd number in every new chain: once the "
-                                       "caller closes it, a reused number gets the rest of the file")
 def test_transfer_never_writes_to_a_reused_socket_fd_number(make_file):
     """Rule 21 keeps the socket alive only for requests already submitted. A caller closing its
     socket mid-transfer must not have the next chains land on whatever takes that number."""

@@ -10,7 +10,7 @@ headers  test_constants_newer_than_liburing_2_3, test_extension_links_liburing_s
 3        test_hardlink_runs_a_splice_after_eof_and_it_blocks
 4        test_chain_ends_at_a_submission_boundary, test_prep_failure_inside_a_chain_cancels_every_member,
          test_raw_prep_takes_whole_chains_only,
-         test_raw_prep_longer_than_the_sq_still_stops_at_a_chain_boundary (xfail: core bug)
+         test_raw_prep_longer_than_the_sq_still_stops_at_a_chain_boundary
 (a)      test_cancel_of_a_link_member_not_yet_issued_is_enoent
 """
 import errno
@@ -255,8 +255,6 @@ def test_raw_prep_takes_whole_chains_only():
         assert wait_res(ring, *ops) == [0] * 9
 
 
-@pytest.mark.xfail(strict=True, reason="RawRing.prep cuts its input at sq_entries, which can split a "
-                                       "chain and leave IOSQE_IO_LINK on the last op it prepared")
 def test_raw_prep_longer_than_the_sq_still_stops_at_a_chain_boundary():
     rec = Recorder()
     with uringsend.Ring(entries=4) as ring:

@@ -116,7 +116,11 @@ class RawRing:
 
         Returns how many ops were prepared; always a chain boundary.
         """
-        n = min(len(ops), self.sq_entries)
+        n = len(ops)
+        if n > self.sq_entries:  # cut at the last chain boundary that fits, never inside a chain
+            n = self.sq_entries
+            while n and ops[n - 1][11] & IOSQE_IO_LINK:
+                n -= 1
         buf = self._ops_buf
         pack = _OP.pack_into
         for i in range(n):

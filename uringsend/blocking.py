@@ -39,13 +39,13 @@ class _Done:
 def _os_sendfile(sock, file, offset, count, header, why):
     offset = _nonneg("offset", offset)
     sock_fd = _sock_fd(sock)
-    file_fd, owns = _file_fd(file)
+    file_fd, user_file = _file_fd(file)
     try:
         size = _regular_stat(file_fd, file).st_size
         if offset > size:
             raise ValueError(f"offset {offset} is past the end of the file ({size} bytes)")
         end = size if count is None else min(size, offset + _nonneg("count", count))
-        t = Transfer(_Done(), "sendfile", sock_fd, file_fd, offset,
+        t = Transfer(_Done(), "sendfile", sock_fd, user_file, offset,
                      count if count is not None else end - offset, len(header))
         t.fallback = f"io_uring unavailable, used blocking os.sendfile: {why}"
         if header:
@@ -63,5 +63,4 @@ def _os_sendfile(sock, file, offset, count, header, why):
         t.done = t.settled = True
         return t
     finally:
-        if owns:
-            os.close(file_fd)
+        os.close(file_fd)

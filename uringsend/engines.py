@@ -34,7 +34,7 @@ class Engine:
     mode = None
     window = 8  # chunks per chain
 
-    def __init__(self, ring, transfer, sock_fd, file_fd, start, end, header, owns_file):
+    def __init__(self, ring, transfer, sock_fd, file_fd, start, end, header):
         self.ring = ring
         self.t = transfer
         self.sock = sock_fd
@@ -42,7 +42,7 @@ class Engine:
         self.pos = start
         self.end = end
         self.header = header
-        self.owns_file = owns_file
+        self.fds = [sock_fd, file_fd]  # our own duplicates, closed when the transfer settles
         self.chain_left = 0   # results still due for the chain in flight
         self.outstanding = 0  # ops not yet over (results or notifications still due)
         self.cancelled = False
@@ -65,7 +65,7 @@ class Engine:
             self._finish()
             return
         if self.stalls >= MAX_STALLS:
-            t.error = op_error(self._last_res or -errno.EIO, f"{self.mode} transfer", self.sock)
+            t.error = op_error(self._last_res or -errno.EIO, f"{self.mode} transfer", t.sock_fd)
             self._finish()
             return
         ops = []
@@ -105,14 +105,14 @@ class Engine:
             elif res == -errno.EAGAIN:
                 self.poll_first = True  # O_NONBLOCK socket under splice: wait for POLLOUT, retry
             elif res not in _RETRY and not self._send_error(op, res):
-                self._fail(op, res, op.fd)
+                self._fail(op, res, self.t.sock_fd)
         elif role == "fill":
             if 0 <= res < op.len and os.fstat(self.file).st_size < op.offset + op.len:
                 self.end = min(self.end, op.offset + res)  # the file ended early
             elif res < 0 and res not in _RETRY:
-                self._fail(op, res, self.file)
+                self._fail(op, res, self.t.file_fd)
         elif res < 0 and res not in _RETRY:
-            self._fail(op, res, op.fd)
+            self._fail(op, res, self.t.sock_fd)
         if not op.awaiting_notif:
             self._op_over(op)
         if self.chain_left == 0:
@@ -150,6 +150,7 @@ class Engine:
         return False
 
     def _fail(self, op, res, fd):
+        """Record the first error; ``fd`` is the caller's (None: the file was given by path)."""
         if self.t.error is None:
             self.t.error = op_error(res, op.name.lower(), fd)
 
@@ -204,10 +205,10 @@ class Engine:
         pass
 
     def drop_fds(self):
-        """Close the fds this engine owns (its ring is gone, so no request can still use them)."""
-        if self.owns_file:
-            self.owns_file = False
-            os.close(self.file)
+        """Close this engine's own fds: it has settled, or its ring is gone (no request left)."""
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            os.close(fd)
 
 
 class SpliceEngine(Engine):
@@ -299,8 +300,8 @@ class MapEngine(Engine):
     ring bounds the bytes awaiting release; -ENOMEM under auto falls back to copying sends.
     """
 
-    def __init__(self, ring, transfer, sock_fd, file_fd, start, end, header, owns_file, zerocopy, auto, st):
-        super().__init__(ring, transfer, sock_fd, file_fd, start, end, header, owns_file)
+    def __init__(self, ring, transfer, sock_fd, file_fd, start, end, header, zerocopy, auto, st):
+        super().__init__(ring, transfer, sock_fd, file_fd, start, end, header)
         self.zc = zerocopy
         self.auto = auto
         self.mode = "mmap" if zerocopy else "copy"  # what was asked; self.zc says what runs
@@ -370,12 +371,12 @@ class TeeEngine:
 
     mode = "splice"
 
-    def __init__(self, ring, transfers, sock_fds, file_fd, start, end, owns_file):
+    def __init__(self, ring, transfers, sock_fds, file_fd, start, end):
         self.ring = ring
         self.dests = transfers
         self.socks = sock_fds
         self.file = file_fd
-        self.owns_file = owns_file
+        self.fds = sock_fds + [file_fd]  # our own duplicates
         self.start = start
         self.end = end
         self.pos = [start] * len(transfers)
@@ -406,7 +407,7 @@ class TeeEngine:
         live = self._live()
         if self.stalls >= MAX_STALLS:
             for i in live:
-                self.dests[i].error = op_error(-errno.EIO, "tee transfer", self.socks[i])
+                self.dests[i].error = op_error(-errno.EIO, "tee transfer", self.dests[i].sock_fd)
                 self._finish(i)
             live = []
         for i, t in enumerate(self.dests):
@@ -455,13 +456,13 @@ class TeeEngine:
                 if res:
                     t._event(QUEUED, op.offset, res, None, now)
             elif res not in _RETRY and t.error is None:
-                t.error = op_error(res, "splice", op.fd)
+                t.error = op_error(res, "splice", t.sock_fd)
                 self.dropped[i] = True
         elif op.role == "fill":
             if 0 <= res < op.len and os.fstat(self.file).st_size < op.offset + op.len:
                 self.end = min(self.end, op.offset + res)
             elif res < 0 and res not in _RETRY:
-                err = op_error(res, "splice", self.file)
+                err = op_error(res, "splice", self.dests[0].file_fd)
                 for i in self._live():
                     self.dests[i].error = err
                     self.dropped[i] = True
@@ -514,9 +515,9 @@ class TeeEngine:
         self.ring._settled(self)
 
     def drop_fds(self):
-        if self.owns_file:
-            self.owns_file = False
-            os.close(self.file)
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            os.close(fd)
         for pipe in self.pipes:
             pipe.close()
         self.pipes = []

@@ -36,6 +36,8 @@ class RingOwnerError(RuntimeError):
 
 
 def op_error(res, op, fd):
-    """OSError for a negative CQE ``res``: ``<op> on fd N: <strerror>``."""
+    """OSError for a negative CQE ``res``: ``<op> on fd N: <strerror>`` (N is the caller's fd;
+    None when the file was given by path)."""
     err = -res
-    return OSError(err, f"{op} on fd {fd}: {os.strerror(err)}")
+    where = "the file" if fd is None else f"fd {fd}"
+    return OSError(err, f"{op} on {where}: {os.strerror(err)}")

@@ -109,10 +109,11 @@ class Ledger:
                 copied = None
                 if op.zc_flags & ll.IORING_SEND_ZC_REPORT_USAGE:
                     copied = bool(res & _ZC_COPIED)
-                    if copied:
-                        self.copied += 1
-                    else:
-                        self.zerocopy += 1
+                    if op.res > 0:  # a send that moved nothing is flagged "copied" too: not counted
+                        if copied:
+                            self.copied += 1
+                        else:
+                            self.zerocopy += 1
                 op.owner._on_release(op, copied, now)
                 continue
             self.completed += 1

@@ -6,6 +6,7 @@ SINGLE_ISSUER|DEFER_TASKRUN where the kernel accepts them, which makes that a ru
 """
 import collections
 import errno
+import fcntl
 import functools
 import os
 import resource
@@ -173,19 +174,23 @@ class Ring:
         offset = _nonneg("offset", offset)
         if count is not None:
             count = _nonneg("count", count)
-        sock_fd = _sock_fd(sock)
-        file_fd, owns = _file_fd(file)
+        # The transfer works on its own duplicates of both fds: the caller may close theirs at any
+        # time, and a later chain must never reach whatever file or socket reuses the number.
+        user_sock = _sock_fd(sock)
+        file_fd, user_file = _file_fd(file)
+        sock_fd = -1
         try:
+            sock_fd = _dup(user_sock)
             st = _regular_stat(file_fd, file)
             size = st.st_size
             if offset > size:
                 raise ValueError(f"offset {offset} is past the end of the file ({size} bytes)")
             end = size if count is None else min(size, offset + count)
             chosen = self._choose(mode, end - offset)
-            transfer = Transfer(self, chosen, sock_fd, file_fd, offset,
+            transfer = Transfer(self, chosen, user_sock, user_file, offset,
                                 count if count is not None else end - offset, len(header), on_release)
             header = bytes(header)
-            args = (self, transfer, sock_fd, file_fd, offset, end, header, owns)
+            args = (self, transfer, sock_fd, file_fd, offset, end, header)
             if chosen == "splice":
                 engine = SpliceEngine(*args)
             elif chosen == "zerocopy":
@@ -193,8 +198,7 @@ class Ring:
             else:
                 engine = MapEngine(*args, zerocopy=(chosen == "mmap"), auto=(mode == "auto"), st=st)
         except BaseException:
-            if owns:
-                os.close(file_fd)
+            _close(file_fd, sock_fd)
             raise
         transfer._cancel = engine.cancel
         self._engines.add(engine)
@@ -214,21 +218,22 @@ class Ring:
         offset = _nonneg("offset", offset)
         if count is not None:
             count = _nonneg("count", count)
-        sock_fds = [_sock_fd(s) for s in socks]
-        if len(set(sock_fds)) != len(sock_fds):
+        user_socks = [_sock_fd(s) for s in socks]
+        if len(set(user_socks)) != len(user_socks):
             raise ValueError("tee: the same socket appears twice")
-        file_fd, owns = _file_fd(file)
+        file_fd, user_file = _file_fd(file)
+        sock_fds = []
         try:
+            sock_fds.extend(_dup(fd) for fd in user_socks)
             size = _regular_stat(file_fd, file).st_size
             if offset > size:
                 raise ValueError(f"offset {offset} is past the end of the file ({size} bytes)")
             end = size if count is None else min(size, offset + count)
             planned = count if count is not None else end - offset
-            transfers = [Transfer(self, "splice", fd, file_fd, offset, planned, 0) for fd in sock_fds]
-            engine = TeeEngine(self, transfers, sock_fds, file_fd, offset, end, owns)
+            transfers = [Transfer(self, "splice", fd, user_file, offset, planned, 0) for fd in user_socks]
+            engine = TeeEngine(self, transfers, sock_fds, file_fd, offset, end)
         except BaseException:
-            if owns:
-                os.close(file_fd)
+            _close(file_fd, *sock_fds)
             raise
         for i, t in enumerate(transfers):
             t._cancel = functools.partial(engine.cancel_dest, i)
@@ -417,7 +422,8 @@ class Ring:
                     fields.append(op.fields(link if i < last else 0))
             if not fields:
                 break
-            raw.prep(fields)
+            prepared = raw.prep(fields)
+            assert prepared == len(fields), f"prepared {prepared} of {len(fields)} SQEs"
             raw.submit()
 
     def _dispatch(self, cqes):
@@ -494,12 +500,26 @@ def _sock_fd(sock):
 
 
 def _file_fd(file):
+    """(an fd of our own for ``file``, the caller's fd or None for a path)."""
     if isinstance(file, (str, bytes, os.PathLike)):
-        return os.open(file, os.O_RDONLY | os.O_CLOEXEC), True
+        return os.open(file, os.O_RDONLY | os.O_CLOEXEC), None
     fd = file if isinstance(file, int) else getattr(file, "fileno", lambda: None)()
     if not isinstance(fd, int) or isinstance(fd, bool):
         raise TypeError(f"file must be a path, a file object or a file descriptor, not {type(file).__name__}")
-    return fd, False
+    try:
+        return _dup(fd), fd
+    except OSError as exc:
+        raise OSError(exc.errno, f"sendfile: file fd {fd}: {os.strerror(exc.errno)}") from None
+
+
+def _dup(fd):
+    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 0)
+
+
+def _close(*fds):
+    for fd in fds:
+        if fd >= 0:
+            os.close(fd)
 
 
 def _regular_stat(fd, file):
