@@ -18,36 +18,14 @@ import pytest
 
 import uringsend
 from uringsend import _lowlevel as ll
-from uringsend import Ring, TransferCancelled
+from uringsend import TransferCancelled
 
 from conftest import Receiver, sha, tcp_pair
-from _faults import peer_reset, private_file, run_child, small_buffers
+from _faults import (CHUNK, MODES, RELEASING, assert_clean, peer_reset, private_file, run_child,
+                     small_buffers, small_ring)
 
-MODES = ("splice", "zerocopy", "mmap", "copy")
-RELEASING = ("zerocopy", "mmap", "copy")
-CHUNK = 64 << 10
 F_MORE = ll.IORING_CQE_F_MORE
 F_NOTIF = ll.IORING_CQE_F_NOTIF
-
-
-def small_ring(**kw):
-    """A ring whose every mode moves CHUNK bytes per op, so that a stalled peer stalls it soon."""
-    kw.setdefault("buffers", 4)
-    return Ring(buffer_size=CHUNK, chunk_size=CHUNK, copy_chunk_size=CHUNK, pipe_size=CHUNK, **kw)
-
-
-def assert_clean(ring):
-    """Everything is back: no op or notification outstanding, every buffer and pipe returned."""
-    st = ring.statistics()
-    assert st["transfers_active"] == 0, st
-    assert st["pending_ops"] == 0, st
-    assert st["pending_notifs"] == 0, st
-    assert st["zc_bytes_unreleased"] == 0, st
-    assert st["buffers_free"] == st["buffers_total"], st
-    assert st["orphan_cqes"] == 0, st
-    assert st["queued_chains"] == 0, st
-    # an idle pipe holds no stale bytes that a later transfer would send
-    assert [p.pending() for p in ring.pipes._idle] == [0] * st["pipes_idle"]
 
 
 def notifs_per_op(trace):
@@ -170,7 +148,7 @@ def test_peer_reset_mid_transfer_fails_cleanly_without_sigpipe(mode):
     assert code == 0, f"child died ({code}; -{signal.SIGPIPE} is SIGPIPE): {err[-2000:]}"
     assert out["error"] in ("ConnectionResetError", "BrokenPipeError"), out
     assert out["errno"] in (errno.ECONNRESET, errno.EPIPE)
-    assert f"fd " in out["message"]  # the message names the operation and the socket
+    assert "fd " in out["message"]  # the message names the operation and the socket
     assert out["peer_prefix_ok"]
     assert out["settled"]
     st = out["stats"]

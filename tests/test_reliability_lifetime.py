@@ -13,8 +13,7 @@ import uringsend
 from uringsend import Ring, RingOwnerError, TransferCancelled
 
 from conftest import Receiver, sha, tcp_pair
-from _faults import small_buffers
-from test_reliability_faults import MODES, assert_clean, small_ring
+from _faults import MODES, assert_clean, small_buffers, small_ring
 
 LIBRARY = os.path.dirname(uringsend.__file__)
 

@@ -4,7 +4,6 @@ import errno
 import os
 import resource
 import select
-import socket
 
 import pytest
 
@@ -12,8 +11,7 @@ import uringsend
 from uringsend import IoUringUnavailable, Ring
 
 from conftest import Receiver, sha, tcp_pair
-from _faults import Sink, block_io_uring, drop_to_nobody, private_file, run_child
-from test_reliability_faults import MODES, assert_clean
+from _faults import MODES, Sink, assert_clean, block_io_uring, drop_to_nobody, private_file, run_child
 
 
 def read_exactly(sock, n):
