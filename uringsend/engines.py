@@ -30,6 +30,10 @@ MAX_STALLS = 8  # chains in a row that moved no byte before the transfer gives u
 CHAIN_BYTES = 8 << 20  # bytes one chain of a mapping-based transfer may carry
 
 
+def _name(fd):
+    return "the file" if fd is None else f"fd {fd}"
+
+
 class Engine:
     mode = None
     window = 8  # chunks per chain
@@ -334,6 +338,7 @@ class MapEngine(Engine):
             size = os.fstat(self.file).st_size
             if size < self.end:  # truncated under the mapping: the rest of the file is gone
                 self.end = max(self.pos, size)
+                self._check_size(size)
                 return True
         if res == -errno.ENOMEM and op.zerocopy and self.auto:
             self.zc = False
@@ -344,6 +349,20 @@ class MapEngine(Engine):
             self.window = max(1, min(Engine.window, CHAIN_BYTES // self.chunk))
             return True
         return False
+
+    def _finish(self):
+        if self.t.error is None and self.pos > self.t.offset:
+            self._check_size(os.fstat(self.file).st_size)
+        super()._finish()
+
+    def _check_size(self, size):
+        """A file truncated mid-page keeps that page mapped, zero-filled past the new end: a send
+        through the mapping cannot see EOF there. Say so rather than report success."""
+        if self.pos > size and self.t.error is None:
+            self.t.error = OSError(errno.EFAULT, (
+                f"send from the mapping of {_name(self.t.file_fd)}: the file shrank to {size} bytes "
+                f"during the transfer and the {self.pos - size} bytes after that went out as "
+                "zeros (modes 'splice' and 'zerocopy' read the file and stop at its end)"))
 
     def _let_go(self, op):
         if op.role == "header":
