@@ -138,7 +138,15 @@ def child_memlock(mode, zc_budget, chunk_size):
                 out["error"] = [exc.errno, str(exc), "sendfile" if t is None else "wait"]
             if t is not None:
                 ring.run_until_complete(timeout=30)
-                out["stats"] = ring.statistics()
+            out["stats"] = ring.statistics()
+            # whatever failed, the ring goes on: a copying send on a second connection
+            c2, p2 = tcp_pair()
+            rx2 = Receiver(p2)
+            t2 = ring.sendfile(c2, f, mode="copy")
+            out["after"] = t2.wait(timeout=30)
+            c2.close()
+            out["after_ok"] = rx2.join() == data
+            p2.close()
     except OSError as exc:
         out["error"] = [exc.errno, str(exc), "ring"]
     client.close()
@@ -192,6 +200,9 @@ def test_memlock_zerocopy_mode_cannot_register_its_pool_and_says_so():
     assert out["error"] is not None and out["error"][0] == errno.ENOMEM, out
     if out["error"][2] == "wait":
         assert out["settled"] and out["peer_ok"], out
+    else:  # a sendfile() that raised left no transfer behind
+        assert out["stats"]["transfers_active"] == 0, out["stats"]
+    assert out["after"] == 4 << 20 and out["after_ok"], out
 
 
 # ---- 9. an unprivileged user's pipes (SEMANTICS rule 9) -----------------------------------------
