@@ -6,6 +6,7 @@ gets exactly the bytes the transfer says it sent — none lost, none invented.
 """
 import collections
 import errno
+import mmap
 import os
 import random
 import select
@@ -26,6 +27,7 @@ from _faults import (CHUNK, MODES, RELEASING, assert_clean, peer_reset, private_
 
 F_MORE = ll.IORING_CQE_F_MORE
 F_NOTIF = ll.IORING_CQE_F_NOTIF
+PAGE = mmap.PAGESIZE
 
 
 def notifs_per_op(trace):
@@ -47,12 +49,17 @@ def notifs_per_op(trace):
 @pytest.mark.parametrize("cut", [2 * CHUNK, CHUNK + 100_000], ids=["at-chunk", "mid-chunk"])
 def test_file_truncated_under_a_chain_ends_short_with_exact_bytes(mode, cut, make_file):
     """The file shrinks while the first send of a chain is blocked (the peer does not read yet),
-    so the later fills of that chain meet the new EOF: a short or empty fill breaks the link."""
+    so the later fills of that chain meet the new EOF: a short or empty fill breaks the link.
+
+    A send through a mapping cannot see an EOF inside a page: truncate() zero-fills the rest of
+    that page, and those zeros go out. Then the transfer must fail with EFAULT saying how many
+    bytes past the new end were zeros, and ``sent`` must count what the peer got."""
     path, data = make_file(8 * CHUNK)
     client, peer = tcp_pair(rcvbuf=4096)
     small_buffers(client)
     gate = threading.Event()
     rx = Receiver(peer, gate)
+    zeros = (-cut) % PAGE if mode in ("mmap", "copy") else 0
     try:
         with small_ring(trace=True) as ring:
             t = ring.sendfile(client, path, mode=mode)
@@ -62,8 +69,15 @@ def test_file_truncated_under_a_chain_ends_short_with_exact_bytes(mode, cut, mak
             assert t.sent < CHUNK
             os.truncate(path, cut)
             gate.set()
-            assert t.wait(timeout=30) == cut
-            assert t.error is None and t.short and t.count == 8 * CHUNK
+            if zeros:
+                with pytest.raises(OSError) as info:
+                    t.wait(timeout=30)
+                assert info.value.errno == errno.EFAULT
+                assert f"{zeros} bytes" in str(info.value) and "zeros" in str(info.value)
+            else:
+                assert t.wait(timeout=30) == cut
+                assert t.error is None and t.short and t.count == 8 * CHUNK
+            assert t.sent == cut + zeros
             broken = [r for _, op, _, r, _ in ring.ledger.trace if op is not None and r == -errno.ECANCELED]
             if mode in ("splice", "zerocopy"):
                 assert broken, "the short fill did not break the chain"
@@ -80,8 +94,8 @@ def test_file_truncated_under_a_chain_ends_short_with_exact_bytes(mode, cut, mak
         gate.set()
         client.close()
         peer.close()
-    assert len(got) == cut
-    assert sha(got) == sha(data[:cut])
+    assert len(got) == cut + zeros
+    assert sha(got) == sha(data[:cut] + bytes(zeros))
 
 
 @pytest.mark.parametrize("mode", MODES)
