@@ -2,8 +2,12 @@
 raw non-blocking sockets; cancellation never lets a buffer go before the kernel released it."""
 import asyncio
 import errno
+import hashlib
 import os
+import resource
+import select
 import socket
+import threading
 
 import pytest
 
@@ -48,6 +52,10 @@ async def read_all(peer, n):
     return bytes(data)
 
 
+async def _await(handle):
+    return await handle
+
+
 class CountingRing(AsyncRing):
     """Counts wake-ups that came through the eventfd (not from the reap after a submission)."""
 
@@ -58,10 +66,12 @@ class CountingRing(AsyncRing):
         super()._wake()
 
 
-@pytest.mark.parametrize("flags", range(len(SETUP_ATTEMPTS)))
+NO_DEFER = [i for i, f in enumerate(SETUP_ATTEMPTS) if not f & ll.SETUP_FLAGS["DEFER_TASKRUN"]]
+
+
+@pytest.mark.parametrize("flags", NO_DEFER)
 def test_eventfd_wakes_the_loop(flags, make_file):
-    """With DEFER_TASKRUN completions are posted only when the task enters GETEVENTS: the eventfd
-    must still fire when they are queued, or a transfer that waits for socket space never ends."""
+    """A transfer that must wait for socket space completes only if the eventfd wakes the loop."""
     if SETUP_ATTEMPTS[flags] not in accepted_flags():
         pytest.skip(f"kernel refuses setup flags {SETUP_ATTEMPTS[flags]:#x}")
     path, data = make_file((8 << 20) + 11)
@@ -73,13 +83,93 @@ def test_eventfd_wakes_the_loop(flags, make_file):
                 handle = aring.sendfile(client, path, mode="copy")
                 got = await read_all(peer, len(data))
                 assert await handle == len(data)
-                return got, aring.wakes, aring.ring.setup_flags
+                return got, aring.wakes
 
-    got, wakes, setup = run(main())
+    got, wakes = run(main())
     assert sha(got) == sha(data)
     assert wakes > 0
-    if flags == 0:
-        assert "DEFER_TASKRUN" in setup
+
+
+def test_defer_taskrun_is_not_used():
+    """A non-waiting GETEVENTS runs at most 20 deferred items and the rest get no new eventfd
+    signal, so an event loop cannot drive a DEFER_TASKRUN ring (see uringsend.aio)."""
+    async def main():
+        async with AsyncRing() as aring:
+            assert "DEFER_TASKRUN" not in aring.ring.setup_flags
+        with pytest.raises(ValueError):
+            AsyncRing(setup_flags=ll.SETUP_FLAGS["DEFER_TASKRUN"] | ll.SETUP_FLAGS["SINGLE_ISSUER"])
+
+    run(main())
+
+
+def test_hundreds_of_concurrent_transfers_all_finish(make_file):
+    """600 sends to readers on small socket buffers: every socket becoming writable queues task
+    work at once. (With DEFER_TASKRUN and non-waiting reaps this stalled for good.)"""
+    count, size = 600, 256 << 10
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 4 * count:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is too low for {count} connections")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4 * count), hard))
+    path, data = make_file(size)
+    pairs = [tcp_pair(rcvbuf=4096) for _ in range(count)]
+    try:
+        for client, peer in pairs:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            client.setblocking(False)
+        reader = EpollReader([peer for _, peer in pairs], size)
+
+        async def main():
+            with open(path, "rb") as f:
+                async with AsyncRing(1024) as aring:
+                    handles = [aring.sendfile(client, f, mode="copy") for client, _ in pairs]
+                    reader.start()
+                    return await asyncio.gather(*(_await(h) for h in handles))
+
+        assert run(main()) == [size] * count
+        assert reader.join() == [sha(data)] * count
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for client, peer in pairs:
+            client.close()
+            peer.close()
+
+
+class EpollReader:
+    """One thread reading ``size`` bytes from each of many sockets; ``join()`` -> their sha256."""
+
+    def __init__(self, socks, size):
+        self.socks = {s.fileno(): s for s in socks}
+        self.order = [s.fileno() for s in socks]
+        self.size = size
+        self.hashes = {fd: hashlib.sha256() for fd in self.socks}
+        self.got = dict.fromkeys(self.socks, 0)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self):
+        self.thread.start()
+
+    def _run(self):
+        with select.epoll() as ep:
+            for fd, s in self.socks.items():
+                s.setblocking(False)
+                ep.register(fd, select.EPOLLIN)
+            left = len(self.socks)
+            while left:
+                for fd, _ in ep.poll(30):
+                    try:
+                        chunk = self.socks[fd].recv(1 << 16)
+                    except BlockingIOError:
+                        continue
+                    self.hashes[fd].update(chunk)
+                    self.got[fd] += len(chunk)
+                    if self.got[fd] >= self.size or not chunk:
+                        ep.unregister(fd)
+                        left -= 1
+
+    def join(self):
+        self.thread.join(60)
+        assert not self.thread.is_alive(), "reader did not get every byte"
+        return [self.hashes[fd].hexdigest() for fd in self.order]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -184,10 +274,6 @@ def test_cancelling_the_awaiting_task_cancels_the_transfer(mode, make_file):
         assert zc and zc <= notified
     assert stats["pending_notifs"] == 0 and stats["pending_ops"] == 0
     assert stats["buffers_free"] == stats["buffers_total"]
-
-
-async def _await(handle):
-    return await handle
 
 
 def test_streams_peer_reset_mid_send(make_file):

@@ -1,27 +1,40 @@
 """asyncio integration: transfers driven by the event loop, woken by an eventfd.
 
-The ring signals an eventfd (io_uring_register_eventfd) when completions are ready; with
-DEFER_TASKRUN the signal comes when deferred completion work is queued, and that work is posted to
-the CQ by the GETEVENTS that ``Ring.poll`` enters (observed on Linux 6.18 for every mode, including
-completions that waited for socket space). The loop watches the eventfd; on each wake, and once
-after every submission (a send can complete inline, before any signal is read), it reads the
-eventfd first, so a signal raised while reaping is never lost, then reaps until the ring is empty
-and resolves the waiters. Submission and reaping stay on the loop's thread, which owns the ring.
+The ring signals an eventfd (io_uring_register_eventfd) when completions are ready. The loop
+watches it; on each wake, and once after every submission (a send can complete inline, before any
+signal is read), it reads the eventfd first, so a signal raised while reaping is never lost, then
+reaps until the ring is empty and resolves the waiters. Submission and reaping stay on the loop's
+thread, which owns the ring.
+
+Rings here are set up without DEFER_TASKRUN. With it the eventfd does fire (when deferred work is
+queued), but a GETEVENTS that does not wait, the only kind an event loop may make, runs at most 20
+deferred items (IO_LOCAL_TW_DEFAULT_MAX on 6.18); items that post no CQE (a send retried after
+socket space appeared, still partial) still count, and what is left gets no new signal until new
+work arrives. Seen here: 500 concurrent sends to readers stalled for good. COOP_TASKRUN runs task
+work at the next kernel entry, epoll_wait included, and has no such limit.
 """
 import asyncio
+import errno
 import os
 
-from .ring import Ring, _sock_fd
+from . import _lowlevel as ll
+from .ring import SETUP_ATTEMPTS, Ring, _sock_fd
+
+_DEFER = ll.SETUP_FLAGS["DEFER_TASKRUN"]
 
 
 class AsyncRing:
     """A ``Ring`` driven by the running asyncio loop. Create it on the loop's thread (inside a
-    coroutine); it accepts every ``Ring`` option. Close it with ``await ring.aclose()`` or
-    ``async with``: transfers still running are cancelled and their memory waited for."""
+    coroutine); it accepts every ``Ring`` option (``setup_flags`` without DEFER_TASKRUN). Close
+    it with ``await ring.aclose()`` or ``async with``: transfers still running are cancelled and
+    their memory waited for."""
 
-    def __init__(self, entries=256, **options):
+    def __init__(self, entries=256, *, setup_flags=None, **options):
         self._loop = asyncio.get_running_loop()
-        self.ring = Ring(entries, **options)
+        if setup_flags is not None and setup_flags & _DEFER:
+            raise ValueError("an AsyncRing cannot use IORING_SETUP_DEFER_TASKRUN: its non-waiting "
+                             "reaps would leave deferred work unrun (see uringsend.aio)")
+        self.ring = _ring(entries, setup_flags, options)
         self._active = {}       # Transfer -> AsyncTransfer, until the transfer settles
         self._reap_due = False
         self._closing = False
@@ -228,6 +241,21 @@ class AsyncTransfer:
         if self._file_fd is not None:
             os.close(self._file_fd)
             self._file_fd = None
+
+
+def _ring(entries, setup_flags, options):
+    """A Ring with ``setup_flags``, or with the first of the core's flag sets without
+    DEFER_TASKRUN that the kernel accepts."""
+    if setup_flags is not None:
+        return Ring(entries, setup_flags=setup_flags, **options)
+    attempts = [flags for flags in SETUP_ATTEMPTS if not flags & _DEFER]
+    for flags in attempts[:-1]:
+        try:
+            return Ring(entries, setup_flags=flags, **options)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # EINVAL: this kernel lacks one of these flags
+                raise
+    return Ring(entries, setup_flags=attempts[-1], **options)
 
 
 def _closed_error():
