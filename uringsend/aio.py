@@ -18,7 +18,7 @@ import errno
 import os
 
 from . import _lowlevel as ll
-from .ring import SETUP_ATTEMPTS, Ring, _sock_fd
+from .ring import SETUP_ATTEMPTS, Ring
 
 _DEFER = ll.SETUP_FLAGS["DEFER_TASKRUN"]
 
@@ -62,31 +62,19 @@ class AsyncRing:
     def closed(self):
         return self.ring.closed
 
-    def sendfile(self, sock, file, offset=0, count=None, *, mode="auto", header=b"", on_release=None,
-                 close_file=False):
+    def sendfile(self, sock, file, offset=0, count=None, *, mode="auto", header=b"", on_release=None):
         """Start a transfer (arguments as ``Ring.sendfile``); returns an ``AsyncTransfer`` at once.
 
-        ``close_file``: ``file`` is an fd that this call takes over (once it returns) and closes
-        when the transfer settles, so a server can hand a file off and move on.
-        The transfer works on its own duplicate of the socket's fd, closed when the transfer is
-        done: a stream transport that closes its socket (peer reset) mid-send cannot make a later
-        chain write to whatever reused that fd number, and once done the duplicate no longer keeps
-        the socket open (closing it is what lets a reset connection give back zero-copy pages).
+        The transfer works on its own duplicates of the socket and file fds: the caller may close
+        theirs as soon as this returns (a stream transport closing its socket cannot redirect it).
         """
         if self._closing or self.ring.closed:
             raise ValueError("the ring is closed")
         if asyncio.get_running_loop() is not self._loop:
             raise RuntimeError("an AsyncRing is driven only by the event loop that created it")
-        if close_file and (not isinstance(file, int) or isinstance(file, bool)):
-            raise TypeError("close_file=True takes over a file descriptor: pass an int")
-        fd = os.dup(_sock_fd(sock))
-        try:
-            transfer = self.ring.sendfile(fd, file, offset, count, mode=mode, header=header,
-                                          on_release=on_release)
-        except BaseException:
-            os.close(fd)
-            raise
-        handle = AsyncTransfer(self, transfer, fd, file if close_file else None)
+        transfer = self.ring.sendfile(sock, file, offset, count, mode=mode, header=header,
+                                      on_release=on_release)
+        handle = AsyncTransfer(self, transfer)
         self._active[transfer] = handle
         self._schedule_reap()
         return handle
@@ -143,11 +131,9 @@ class AsyncRing:
             self._schedule_reap()  # a signal arrived; its handler has run: reap again soon
         for transfer, handle in list(self._active.items()):
             if transfer.done:
-                handle._close_sock()
                 handle._resolve(handle._done_waiters)
             if transfer.settled:
                 del self._active[transfer]
-                handle._close_file()
                 handle._resolve(handle._settled_waiters)
         if self._idle is not None and self._quiet() and not self._idle.done():
             self._idle.set_result(None)
@@ -166,8 +152,6 @@ class AsyncRing:
                     handle._resolve(waiters)
                 else:
                     handle._fail(waiters, _closed_error())
-            handle._close_sock()
-            handle._close_file()
         self._active.clear()
 
 
@@ -178,11 +162,9 @@ class AsyncTransfer:
     stay with the ring until their release arrives, and the ring keeps reaping until then.
     Every ``Transfer`` attribute (sent, events, mode, ...) reads through."""
 
-    def __init__(self, aring, transfer, sock_fd, file_fd):
+    def __init__(self, aring, transfer):
         self.transfer = transfer
         self._aring = aring
-        self._sock_fd = sock_fd
-        self._file_fd = file_fd
         self._done_waiters = []
         self._settled_waiters = []
 
@@ -231,16 +213,6 @@ class AsyncTransfer:
             if not waiter.done():
                 waiter.set_exception(error)
         waiters.clear()
-
-    def _close_sock(self):
-        if self._sock_fd is not None:
-            os.close(self._sock_fd)
-            self._sock_fd = None
-
-    def _close_file(self):
-        if self._file_fd is not None:
-            os.close(self._file_fd)
-            self._file_fd = None
 
 
 def _ring(entries, setup_flags, options):

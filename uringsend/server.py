@@ -39,7 +39,8 @@ _REASONS = {200: "OK", 206: "Partial Content", 400: "Bad Request", 403: "Forbidd
             405: "Method Not Allowed", 416: "Range Not Satisfiable",
             431: "Request Header Fields Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}
 _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY  # NONBLOCK: a FIFO must not block
-_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets the connection
+_UNSPEC = struct.pack("H14x", socket.AF_UNSPEC)  # a struct sockaddr of family AF_UNSPEC
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class _Reject(Exception):
@@ -62,7 +63,7 @@ class _Beneath:
         _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
     def __init__(self, directory):
-        self._syscall = ctypes.CDLL(None, use_errno=True).syscall
+        self._syscall = _libc.syscall
         self._syscall.restype = ctypes.c_long
         self._how = self._How(_OPEN_FLAGS, 0, self.RESOLVE_BENEATH | self.RESOLVE_NO_MAGICLINKS)
         self._how_ref = ctypes.byref(self._how)
@@ -244,11 +245,9 @@ class FileServer:
             if self.mode not in ("copy", "mmap"):  # these map the file; the others read it
                 fcntl.fcntl(fd, fcntl.F_SETFL, 0)  # opened O_NONBLOCK against FIFOs; reads must block
             await writer.drain()  # nothing of ours may still sit in the transport's buffer
-            transfer = self._aring.sendfile(sock, fd, start, count, mode=self.mode, header=head,
-                                            close_file=True)
-        except BaseException:
-            os.close(fd)
-            raise
+            transfer = self._aring.sendfile(sock, fd, start, count, mode=self.mode, header=head)
+        finally:
+            os.close(fd)  # the transfer has its own duplicate
         conn.transfer = transfer
         conn.progress = None
         conn.since = loop.time()
@@ -437,15 +436,20 @@ def _range(value, size):
 
 
 def _reset(conn):
-    """Cancel the response in flight and reset the connection: a reset frees at once whatever
-    the socket still holds (zero-copy pages included), where a close would wait for the peer to
-    read it. The transfer's own fd, the socket's last, closes when the transfer is done."""
-    try:
-        conn.writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST)
-    except OSError:
-        pass  # the transport already closed its socket
+    """Cancel the response in flight and reset the connection. A reset discards what the socket
+    still queues, zero-copy pages included (a close would wait for the peer to read them, and the
+    transfer's own duplicate of the socket keeps it open until the transfer settles anyway)."""
+    _disconnect(conn.writer.get_extra_info("socket"))
     conn.transfer.cancel()
     conn.writer.transport.abort()
+
+
+def _disconnect(sock):
+    """connect(AF_UNSPEC): tcp_disconnect() sends a reset and purges the send queue, whoever else
+    holds the socket. Best effort: a closed socket or an EBUSY from the kernel leave it be."""
+    fd = sock.fileno()
+    if fd >= 0:
+        _libc.connect(fd, _UNSPEC, len(_UNSPEC))
 
 
 def _status(exc):
