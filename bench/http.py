@@ -17,6 +17,7 @@ if __package__ in (None, ""):
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse
+import asyncio
 import io
 import json
 import pstats
@@ -31,6 +32,7 @@ import time
 import psutil
 
 from bench import machine
+from uringsend.aio import AsyncRing
 
 KiB, MiB = 1 << 10, 1 << 20
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -134,6 +136,12 @@ def _pin(cpu):
     if cpu is None:
         return None
     return lambda: os.sched_setaffinity(0, {cpu})
+
+
+async def _aio_ring_flags():
+    """The setup flags uringsend.aio (so the server) gets from this kernel."""
+    async with AsyncRing(8) as aring:
+        return aring.ring.setup_flags
 
 
 def _free_port():
@@ -271,8 +279,8 @@ def markdown(doc):
     m = doc["machine"]
     lines = [f"## HTTP benchmark: uringsend serve vs nginx — {m['host']}, {doc['started']}", "",
              f"{m['cpu_model']}, {m['cores_logical']} cores, Linux {m['kernel']}, Python {m['python']}, "
-             f"uringsend {m['uringsend']} at {m['uringsend_commit']} (mode {doc['params']['mode']}, ring flags "
-             f"{'|'.join(m['io_uring_setup_flags'] or [])}), {doc['nginx_version']}, {doc['wrk_version']}. "
+             f"uringsend {m['uringsend']} at {m['uringsend_commit']} (mode {doc['params']['mode']}, server ring "
+             f"flags {'|'.join(doc['server_ring_flags'])}), {doc['nginx_version']}, {doc['wrk_version']}. "
              f"Servers pinned to core {doc['params']['server_cpu']} (nginx: 1 worker, sendfile on), wrk on core "
              f"{doc['params']['client_cpu']}, {doc['params']['connections']} keep-alive connections, "
              f"{doc['params']['duration']} s per run, median of {doc['params']['repeat']} alternating runs. "
@@ -314,6 +322,7 @@ def main(argv=None):
            "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": machine.describe(),
            "nginx_version": subprocess.run([nginx, "-v"], capture_output=True, text=True).stderr.strip(),
            "wrk_version": subprocess.run([wrk, "-v"], capture_output=True, text=True).stdout.split(" [")[0].strip(),
+           "server_ring_flags": asyncio.run(_aio_ring_flags()),
            "params": {"sizes": args.sizes, "duration": args.duration, "repeat": args.repeat,
                       "connections": args.connections, "mode": args.mode, "server_cpu": server_cpu,
                       "client_cpu": client_cpu}}
