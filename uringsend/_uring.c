@@ -174,9 +174,11 @@ int us_reap(struct io_uring *ring, struct us_cqe *out, unsigned max, unsigned wa
         ret = io_uring_wait_cqes(ring, &cqe, wait_nr, tsp, NULL);
         if (ret < 0 && ret != -ETIME)
             return ret;
-    } else if (!io_uring_cq_ready(ring)) {
+    } else {
+        /* Always: with DEFER_TASKRUN, completions (and the next link members) wait in task work
+         * that only GETEVENTS runs, whether or not some CQEs are already visible. */
         ret = io_uring_get_events(ring);
-        if (ret < 0 && ret != -EAGAIN && ret != -EBUSY)
+        if (ret < 0 && ret != -EAGAIN && ret != -EBUSY && ret != -EINTR)
             return ret;
     }
     count = copy_ready(ring, out, max);

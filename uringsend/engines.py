@@ -16,9 +16,10 @@ import select
 import socket
 
 from . import _lowlevel as ll
-from .errors import TransferCancelled, op_error
+from .errors import TransferCancelled, memlock_text, op_error
 from .ledger import Op
 from .transfer import QUEUED, RELEASED, SENT
+from .zc import max_zc_chunk
 
 PAGE = mmap.PAGESIZE
 
@@ -37,6 +38,7 @@ def _name(fd):
 class Engine:
     mode = None
     window = 8  # chunks per chain
+    ops_per_chunk = 2
 
     def __init__(self, ring, transfer, sock_fd, file_fd, start, end, header):
         self.ring = ring
@@ -47,6 +49,8 @@ class Engine:
         self.end = end
         self.header = header
         self.fds = [sock_fd, file_fd]  # our own duplicates, closed when the transfer settles
+        # a chain (POLL_ADD, header and the chunks) must fit the SQ: it is never split
+        self.window = max(1, min(self.window, (ring.sq_entries - 2) // self.ops_per_chunk))
         self.chain_left = 0   # results still due for the chain in flight
         self.outstanding = 0  # ops not yet over (results or notifications still due)
         self.cancelled = False
@@ -297,6 +301,8 @@ class ZeroCopyEngine(Engine):
 
 
 class MapEngine(Engine):
+    ops_per_chunk = 1
+
     """SEND_ZC (mode 'mmap') or SEND (mode 'copy') straight from a shared read-only mapping.
 
     For 'mmap', RELEASED for a range means the kernel no longer references those page-cache pages:
@@ -310,7 +316,9 @@ class MapEngine(Engine):
         self.auto = auto
         self.mode = "mmap" if zerocopy else "copy"  # what was asked; self.zc says what runs
         self.chunk = ring.chunk_size if zerocopy else ring.copy_chunk_size
-        self.window = max(1, min(Engine.window, CHAIN_BYTES // self.chunk))
+        if zerocopy:  # one send's pinned pages must fit the budget by themselves
+            self.chunk = min(self.chunk, max_zc_chunk(ring.zc_budget))
+        self.window = max(1, min(self.window, CHAIN_BYTES // self.chunk))
         self.map_key = self.map = None
         if end > start:
             self.map_key, self.map = ring.mappings.acquire(file_fd, st)
@@ -340,13 +348,19 @@ class MapEngine(Engine):
                 self.end = max(self.pos, size)
                 self._check_size(size)
                 return True
-        if res == -errno.ENOMEM and op.zerocopy and self.auto:
-            self.zc = False
-            self.t.fallback = "SEND_ZC failed with ENOMEM (RLIMIT_MEMLOCK): copying sends instead"
+        if res == -errno.ENOMEM and op.zerocopy:
+            if self.auto:
+                self.zc = False
+                self.t.fallback = "SEND_ZC failed with ENOMEM (RLIMIT_MEMLOCK): copying sends instead"
+            elif self.t.error is None:
+                self.t.error = OSError(errno.ENOMEM, (
+                    f"send_zc on {_name(self.t.sock_fd)}: {os.strerror(errno.ENOMEM)}: pages pinned by "
+                    f"zero-copy sends count against RLIMIT_MEMLOCK ({memlock_text()}); lower "
+                    "Ring(zc_budget=...) or raise the limit"))
             return True
         if super()._send_error(op, res):
             self.chunk = self.ring.copy_chunk_size
-            self.window = max(1, min(Engine.window, CHAIN_BYTES // self.chunk))
+            self.window = max(1, min(self.window, CHAIN_BYTES // self.chunk))
             return True
         return False
 

@@ -1,6 +1,7 @@
 """uringsend's exceptions. Kernel errors stay plain OSError (Python picks the subclass)."""
 import errno
 import os
+import resource
 
 
 class IoUringUnavailable(OSError):
@@ -41,3 +42,8 @@ def op_error(res, op, fd):
     err = -res
     where = "the file" if fd is None else f"fd {fd}"
     return OSError(err, f"{op} on {where}: {os.strerror(err)}")
+
+
+def memlock_text():
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    return "unlimited" if soft == resource.RLIM_INFINITY else f"{soft} bytes"

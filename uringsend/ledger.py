@@ -93,34 +93,37 @@ class Ledger:
 
     def dispatch(self, cqes, now):
         """Hand each (user_data, res, flags) to its op's owner."""
+        for cqe in cqes:
+            self.dispatch_one(cqe, now)
+
+    def dispatch_one(self, cqe, now):
+        user_data, res, flags = cqe
         ops = self._ops
-        trace = self.trace
-        for user_data, res, flags in cqes:
-            op = ops.get(user_data)
-            if trace is not None:
-                trace.append((now, op, user_data, res, flags))
-            if op is None:
-                self.orphans += 1
-                continue
-            if flags & _F_NOTIF:
-                del ops[user_data]
-                self.pending_notifs -= 1
-                self.notifs += 1
-                copied = None
-                if op.zc_flags & ll.IORING_SEND_ZC_REPORT_USAGE:
-                    copied = bool(res & _ZC_COPIED)
-                    if op.res > 0:  # a send that moved nothing is flagged "copied" too: not counted
-                        if copied:
-                            self.copied += 1
-                        else:
-                            self.zerocopy += 1
-                op.owner._on_release(op, copied, now)
-                continue
-            self.completed += 1
-            op.res = res
-            if op.opcode in _ZC_OPS and (flags & _F_MORE or res == -errno.ECANCELED):
-                op.awaiting_notif = True
-                self.pending_notifs += 1
-            else:
-                del ops[user_data]
-            op.owner._on_result(op, res, now)
+        op = ops.get(user_data)
+        if self.trace is not None:
+            self.trace.append((now, op, user_data, res, flags))
+        if op is None:
+            self.orphans += 1
+            return
+        if flags & _F_NOTIF:
+            del ops[user_data]
+            self.pending_notifs -= 1
+            self.notifs += 1
+            copied = None
+            if op.zc_flags & ll.IORING_SEND_ZC_REPORT_USAGE:
+                copied = bool(res & _ZC_COPIED)
+                if op.res > 0:  # a send that moved nothing is flagged "copied" too: not counted
+                    if copied:
+                        self.copied += 1
+                    else:
+                        self.zerocopy += 1
+            op.owner._on_release(op, copied, now)
+            return
+        self.completed += 1
+        op.res = res
+        if op.opcode in _ZC_OPS and (flags & _F_MORE or res == -errno.ECANCELED):
+            op.awaiting_notif = True
+            self.pending_notifs += 1
+        else:
+            del ops[user_data]
+        op.owner._on_result(op, res, now)

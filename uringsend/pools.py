@@ -1,12 +1,14 @@
 """Bounded pools: registered buffers for zero-copy sends, and pipes for splice chains."""
 import array
 import collections
+import errno
 import fcntl
 import mmap
 import os
 import termios
 
 from ._lowlevel import FileMapping, Pinned
+from .errors import memlock_text
 
 PAGE = mmap.PAGESIZE
 
@@ -30,7 +32,16 @@ class BufferPool:
         self.size = size
         self._map = mmap.mmap(-1, count * size)
         self._pin = Pinned(self._map)
-        raw_ring.register_buffers([(self._pin.address + i * size, size) for i in range(count)])
+        try:
+            raw_ring.register_buffers([(self._pin.address + i * size, size) for i in range(count)])
+        except OSError as exc:
+            self.close()
+            if exc.errno != errno.ENOMEM:
+                raise
+            raise OSError(errno.ENOMEM, (
+                f"io_uring_register_buffers ({count} x {size} bytes): {os.strerror(errno.ENOMEM)}: "
+                f"registered buffers count against RLIMIT_MEMLOCK ({memlock_text()}); use "
+                "Ring(buffers=..., buffer_size=...) to register less, or raise the limit")) from None
         self._free = list(range(count - 1, -1, -1))
         self._refs = [0] * count
         self.waiters = []

@@ -9,7 +9,6 @@ import errno
 import fcntl
 import functools
 import os
-import resource
 import socket
 import stat
 import threading
@@ -22,8 +21,10 @@ from .errors import IoUringUnavailable, RingOwnerError
 from .ledger import Ledger, Op
 from .pools import BufferPool, MappingCache, PipePool
 from .transfer import Transfer
+from .zc import default_zc_budget, zc_charge
 
 MODES = ("auto", "splice", "zerocopy", "mmap", "copy")
+WAIT_SLICE_NS = 250_000_000
 _F = ll.SETUP_FLAGS
 SETUP_ATTEMPTS = (
     _F["SUBMIT_ALL"] | _F["SINGLE_ISSUER"] | _F["DEFER_TASKRUN"],
@@ -75,8 +76,8 @@ class Ring:
     def __init__(self, entries=256, *, cq_entries=0, buffers=16, buffer_size=256 << 10,
                  chunk_size=1 << 20, copy_chunk_size=1 << 20, pipe_size=None, zc_budget=None,
                  max_workers=32, close_timeout=5.0, setup_flags=None, trace=False):
-        if not isinstance(entries, int) or not 1 <= entries <= 32768:
-            raise ValueError(f"entries must be an int in 1..32768, not {entries!r}")
+        if not isinstance(entries, int) or not 4 <= entries <= 32768:
+            raise ValueError(f"entries must be an int in 4..32768, not {entries!r}")
         for name, value in (("chunk_size", chunk_size), ("copy_chunk_size", copy_chunk_size),
                             ("buffer_size", buffer_size)):
             if not isinstance(value, int) or not 4096 <= value <= (1 << 30):
@@ -107,16 +108,18 @@ class Ring:
         self._pool = None
         self.chunk_size = chunk_size
         self.copy_chunk_size = copy_chunk_size
-        self.zc_budget = zc_budget if zc_budget is not None else _default_zc_budget()
+        self.zc_budget = zc_budget if zc_budget is not None else default_zc_budget()
         self._zc_pending = 0
         self._zc_waiters = []
         self.close_timeout = close_timeout
         self._backlog = collections.deque()
-        self._ready_list = []
+        self._ready_list = collections.deque()
+        self._reaped = collections.deque()  # CQEs taken off the CQ, not yet dispatched
         self._engines = set()   # not settled yet
         self._canceller = _Canceller(self)
         self.transfers_started = 0
         self.kept_alive = 0
+        self.sq_full = 0
         if max_workers:
             try:
                 self._raw.set_iowq_max_workers(max_workers, max_workers)
@@ -194,6 +197,7 @@ class Ring:
             if chosen == "splice":
                 engine = SpliceEngine(*args)
             elif chosen == "zerocopy":
+                self._buffer_pool()  # registering can fail (ENOMEM under RLIMIT_MEMLOCK): fail here
                 engine = ZeroCopyEngine(*args)
             else:
                 engine = MapEngine(*args, zerocopy=(chosen == "mmap"), auto=(mode == "auto"), st=st)
@@ -249,10 +253,13 @@ class Ring:
         self._check_owner()
         self._flush()
         ns = -1 if timeout is None else max(0, int(timeout * 1e9))
-        cqes = self._raw.reap(1 if ns != 0 else 0, ns)
-        if cqes:
-            self._dispatch(cqes)
-        return len(cqes)
+        before = len(self._reaped)
+        self._reaped.extend(self._raw.reap(1 if ns != 0 else 0, ns))
+        handled = len(self._reaped) - before
+        if self._reaped:
+            self._dispatch(())
+            self._flush()  # chains the completions made ready
+        return handled
 
     def wait(self, transfers, timeout=None, released=False):
         """Drive the ring until every transfer is done (``released``: and settled)."""
@@ -282,6 +289,7 @@ class Ring:
             "pending_ops": len(self.ledger.awaiting_result()),
             "pending_notifs": self.ledger.pending_notifs,
             "queued_chains": len(self._backlog),
+            "sq_full": self.sq_full,
             "completions": self.ledger.completed,
             "notifs": self.ledger.notifs,
             "copied": self.ledger.copied,
@@ -313,8 +321,8 @@ class Ring:
                 engine.cancel()
         try:
             self._drive(lambda: not self._engines and not len(self.ledger), timeout)
-        except TimeoutError:
-            pass
+        except (TimeoutError, RuntimeError):
+            pass  # what is still referenced is kept alive below
         held = self.ledger.ops()
         if held:
             warnings.warn(f"uringsend: ring closed with {len(held)} operations still referencing "
@@ -358,6 +366,7 @@ class Ring:
                 self._ready(engine)
 
     def _reserve_zc(self, engine, n):
+        n = zc_charge(n)
         if self._zc_pending and self._zc_pending + n > self.zc_budget:
             if engine not in self._zc_waiters:
                 self._zc_waiters.append(engine)
@@ -366,7 +375,7 @@ class Ring:
         return True
 
     def _unreserve_zc(self, n):
-        self._zc_pending -= n
+        self._zc_pending -= zc_charge(n)
         if self._zc_waiters:
             waiters, self._zc_waiters = self._zc_waiters, []
             for engine in waiters:
@@ -422,25 +431,45 @@ class Ring:
                     fields.append(op.fields(link if i < last else 0))
             if not fields:
                 break
+            if backlog:
+                self.sq_full += 1  # the next chain waits, whole, for this submission to make room
             prepared = raw.prep(fields)
             assert prepared == len(fields), f"prepared {prepared} of {len(fields)} SQEs"
             raw.submit()
 
     def _dispatch(self, cqes):
-        self.ledger.dispatch(cqes, time.perf_counter_ns())
-        self._pump_ready()
+        """Hand reaped CQEs to the ledger, then pump the engines they made ready.
+
+        A Python signal handler may raise (KeyboardInterrupt) at any bytecode. CQEs already taken
+        off the CQ exist nowhere else, so an exception raised while they are handled is held
+        until every one of them and every ready engine has been dealt with, then re-raised."""
+        pending = self._reaped
+        pending.extend(cqes)
+        now = time.perf_counter_ns()
+        dispatch = self.ledger.dispatch_one
+        held = None
+        while pending or self._ready_list:
+            try:
+                while pending:
+                    dispatch(pending.popleft(), now)
+                self._pump_ready()
+            except BaseException as exc:  # noqa: B036 - re-raised below, once the work is done
+                held = held or exc
+        if held is not None:
+            raise held
 
     def _pump_ready(self):
-        while self._ready_list:
-            ready, self._ready_list = self._ready_list, []
-            for engine in ready:
-                engine.pump()
+        ready = self._ready_list
+        while ready:
+            ready.popleft().pump()
 
     def _drive(self, until, timeout):
         self._check_owner()
         deadline = None if timeout is None else time.monotonic() + timeout
         raw = self._raw
         while True:
+            if self._reaped:
+                self._dispatch(())
             self._pump_ready()
             self._flush()
             if until():
@@ -454,21 +483,17 @@ class Ring:
                 ns = int((deadline - time.monotonic()) * 1e9)
                 if ns <= 0:
                     raise TimeoutError("uringsend: timed out waiting for completions")
+            # Sliced: a signal arriving after the GIL was released but before the kernel wait
+            # began only sets Python's flag; its handler must not wait for a completion.
+            ns = WAIT_SLICE_NS if ns < 0 else min(ns, WAIT_SLICE_NS)
             try:
-                cqes = raw.reap(1, ns)
+                # Reaped CQEs go straight to the ring's queue: a signal handler raising in this
+                # loop finds them there on the next call, never in a lost local.
+                self._reaped.extend(raw.reap(1, ns))
             except InterruptedError:
                 continue  # a signal: its Python handler runs here; then keep waiting
-            if cqes:
-                self.ledger.dispatch(cqes, time.perf_counter_ns())
-
-
-def _default_zc_budget():
-    """Pages pinned by SEND_ZC count against RLIMIT_MEMLOCK unless the process may lock memory
-    (root): stay at half the limit so a send does not fail with ENOMEM."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    if os.geteuid() == 0 or soft == resource.RLIM_INFINITY:
-        return 16 << 20
-    return max(64 << 10, min(16 << 20, soft // 2))
+            if self._reaped:
+                self._dispatch(())
 
 
 def _nonneg(name, value):

@@ -68,6 +68,7 @@ class Transfer:
     def cancel(self):
         """Ask the kernel to stop this transfer. Buffers stay held until their release arrives."""
         if not self.done and self._cancel is not None:
+            self.ring._check_owner()
             self._cancel()
 
     # --- views ---------------------------------------------------------------------------------
