@@ -286,12 +286,13 @@ def markdown(doc):
              f"{doc['params']['duration']} s per run, median of {doc['params']['repeat']} alternating runs. "
              f"Load average {m['loadavg_start']} at start, {doc['loadavg_end']} at end (other work shares "
              "this machine). MB/s counts file bytes (10^6). Command: `" + doc["command"] + "`", "",
-             "| file | server | requests/s | MB/s | p50 ms | p99 ms | server CPU µs/request | errors |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| file | server | requests/s | (all runs) | MB/s | p50 ms | p99 ms | server CPU µs/request | errors |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|"]
     for size, by_server in doc["results"].items():
         for name in SERVERS:
             r = by_server[name]["median"]
-            lines.append(f"| {_label(int(size))} | {name} | {r['req_s']:,.0f} | {r['mb_s']:,.1f} | {r['p50_ms']:.2f} | "
+            runs = ", ".join(f"{x['req_s']:,.0f}" for x in by_server[name]["runs"])
+            lines.append(f"| {_label(int(size))} | {name} | {r['req_s']:,.0f} | {runs} | {r['mb_s']:,.1f} | {r['p50_ms']:.2f} | "
                          f"{r['p99_ms']:.2f} | {r['server_cpu_us_per_req']:.1f} | {r['socket_errors'] + r['non_2xx']} |")
     lines += ["", "| file | requests/s uringsend/nginx | MB/s uringsend/nginx | p99 uringsend/nginx | CPU per request uringsend/nginx |",
               "|---|---:|---:|---:|---:|"]
