@@ -74,8 +74,8 @@ def parse_args(argv):
         "wrk against `uringsend serve` and nginx (sendfile on, one worker), each on one pinned "
         "core: requests/s, MB/s, p99, server CPU per request. Writes JSON and Markdown."))
     p.add_argument("--sizes", default="4K,64K,1M", help="file sizes, comma separated (default 4K,64K,1M)")
-    p.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
-    p.add_argument("--repeat", type=int, default=3, help="runs per server and size; the median is kept (default 3)")
+    p.add_argument("--duration", type=int, default=8, help="seconds per wrk run (default 8)")
+    p.add_argument("--repeat", type=int, default=5, help="runs per server and size; the median is kept (default 5)")
     p.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
     p.add_argument("--mode", default="auto", help="uringsend mode (default auto)")
     p.add_argument("--server-cpu", type=int, help="core for the servers (default: the last one allowed)")
