@@ -7,7 +7,7 @@ alternating order ``--repeat`` times and the median run is kept. Server CPU time
 /proc for each run, so the cost per request stays comparable even when other work shares the
 machine. Writes bench/results/http-latest.json and http-latest.md.
 
-    python -m bench.http [--duration 10] [--repeat 3] [--connections 32] [--profile]
+    python -m bench.http [--duration 8] [--repeat 5] [--connections 32] [--profile]
 """
 import os
 import sys
