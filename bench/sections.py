@@ -341,7 +341,7 @@ def _one_ring(mode, conns, fd, size):
                 last[conn] = ring.sendfile(conn, fd, 0, size, mode=mode)
             while ring.poll(0):
                 pass
-        ring.run_until_complete()
+        ring.run_until_complete(120)
         errors += [t.error for t in last.values() if t.error is not None]
         stats = ring.statistics()
     sel.close()

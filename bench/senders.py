@@ -26,6 +26,9 @@ def is_stable(name):
     return uring_mode(name) in STABLE_MODES
 
 
+WAIT_LIMIT = 120.0
+
+
 class BlockingSplice:
     """splice(file -> pipe) then splice(pipe -> socket) until the pipe is empty, pipe kept open."""
 
@@ -109,10 +112,10 @@ class Uring:
 
     def send(self, sock, fd, size):
         t = self.ring.sendfile(sock, fd, 0, size, mode=self.mode)
-        t.wait()
+        t.wait(WAIT_LIMIT)  # a limit turns a stuck transfer into an error, not a hung run
         if not self.stable:
             return None
-        t.wait_released()
+        t.wait_released(WAIT_LIMIT)
         return max(e.t_ns for e in t.events if e.kind == uringsend.RELEASED) - t.started_ns
 
     def counters(self):

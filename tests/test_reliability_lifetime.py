@@ -237,7 +237,9 @@ def test_signal_from_another_thread_runs_its_handler_promptly_during_wait(make_f
     the kernel wait, so a signal landing between the wait's last check and io_uring_enter must
     still interrupt it, rather than leave its handler pending until a completion arrives."""
     path, data = make_file(4 << 20)
-    client, peer = tcp_pair(rcvbuf=4096)
+    # Above the loopback MSS: with a smaller receive buffer the peer sends no window update when
+    # it resumes reading, and the sender waits for its backed-off zero-window probe (~27 s).
+    client, peer = tcp_pair(rcvbuf=256 << 10)
     small_buffers(client)
     gate = threading.Event()
     rx = Receiver(peer, gate)
