@@ -2,7 +2,8 @@
 import os
 
 from .errors import IoUringUnavailable
-from .ring import Ring, _file_fd, _nonneg, _regular_stat, _sock_fd
+from ._args import _file_fd, _nonneg, _regular_stat, _sock_fd
+from .ring import Ring
 from .transfer import QUEUED, Transfer
 
 
