@@ -184,6 +184,7 @@ def test_streams_writer_then_header_and_body(mode, make_file):
 
             async def handle(reader, writer):
                 await reader.readline()
+                writer.transport.set_write_buffer_limits(0)
                 writer.write(b"preamble\n")
                 await writer.drain()
                 transfer = aring.sendfile(writer.get_extra_info("socket"), path, mode=mode, header=header)
@@ -204,6 +205,38 @@ def test_streams_writer_then_header_and_body(mode, make_file):
     assert results == [len(data)]
     assert got[:9] == b"preamble\n" and got[9:9 + len(header)] == header
     assert sha(got[9 + len(header):]) == sha(data)
+
+
+def test_streams_fully_flushed_before_the_transfer(make_file):
+    """drain() returns once the transport's buffer is under its high-water mark (64 KiB), not
+    empty; with the limits at 0 it returns only when everything was written, and a transfer
+    started then cannot overtake bytes written through the StreamWriter."""
+    path, data = make_file(1 << 20)
+    preamble = os.urandom(4 << 20)
+
+    async def main():
+        async with AsyncRing() as aring:
+            async def handle(reader, writer):
+                await reader.readline()
+                writer.transport.set_write_buffer_limits(0)
+                writer.write(preamble)
+                await writer.drain()
+                assert writer.transport.get_write_buffer_size() == 0
+                await aring.sendfile(writer.get_extra_info("socket"), path, header=b"H")
+                writer.close()
+
+            server = await asyncio.start_server(handle, "127.0.0.1", 0)
+            async with server:
+                reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+                writer.write(b"GET\n")
+                got = await reader.read()
+                writer.close()
+                await writer.wait_closed()
+            return got
+
+    got = run(main())
+    assert len(got) == len(preamble) + 1 + len(data)
+    assert got[:len(preamble)] == preamble and got[len(preamble):] == b"H" + data
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -503,3 +503,16 @@ def test_stopping_with_a_response_in_flight(mode, tree):
         assert refused.recv(64).startswith(b"HTTP/1.1 503")
     with stalled, refused:
         assert wait_hangup(stalled)
+
+
+def test_pipelined_errors_and_files_keep_their_order(tree):
+    """Error answers go through the stream transport, files through uringsend: a pipeline that
+    mixes them comes back in request order."""
+    www, _ = tree
+    names = ("5m.bin", "missing", "4k.bin", "missing", "1m.bin")
+    request = b"".join(b"GET /%s HTTP/1.1\r\nHost: x\r\n\r\n" % n.encode() for n in names)
+    with ServerThread(www) as srv:
+        got = raw(srv.port, request + b"GET /page.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    expected = [(200, (www / "5m.bin").read_bytes()), (404, b"404 Not Found\n"), (200, (www / "4k.bin").read_bytes()),
+                (404, b"404 Not Found\n"), (200, (www / "1m.bin").read_bytes()), (200, (www / "page.txt").read_bytes())]
+    assert split_responses(got) == expected

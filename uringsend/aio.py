@@ -67,6 +67,9 @@ class AsyncRing:
 
         The transfer works on its own duplicates of the socket and file fds: the caller may close
         theirs as soon as this returns (a stream transport closing its socket cannot redirect it).
+        With asyncio streams, whatever went through the StreamWriter must be written out first:
+        ``writer.transport.set_write_buffer_limits(0)`` once, then ``await writer.drain()`` (with
+        the default limits drain() returns while up to 64 KiB are still buffered).
         """
         if self._closing or self.ring.closed:
             raise ValueError("the ring is closed")

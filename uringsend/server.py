@@ -183,6 +183,9 @@ class FileServer:
         conn = _Connection(writer, asyncio.current_task(), loop.time())
         self._connections[writer] = conn
         sock = writer.get_extra_info("socket")  # asyncio has set TCP_NODELAY on it
+        # drain() then waits until the transport has written everything: with the default limits
+        # it returns while up to 64 KiB are still buffered, which a transfer would overtake.
+        writer.transport.set_write_buffer_limits(0)
         try:
             while await self._exchange(reader, writer, sock, conn, loop):
                 pass
@@ -244,7 +247,7 @@ class FileServer:
         try:
             if self.mode not in ("copy", "mmap"):  # these map the file; the others read it
                 fcntl.fcntl(fd, fcntl.F_SETFL, 0)  # opened O_NONBLOCK against FIFOs; reads must block
-            await writer.drain()  # nothing of ours may still sit in the transport's buffer
+            await writer.drain()  # nothing of ours may still sit in the transport's buffer (limits 0)
             transfer = self._aring.sendfile(sock, fd, start, count, mode=self.mode, header=head)
         finally:
             os.close(fd)  # the transfer has its own duplicate
