@@ -10,8 +10,9 @@ Rings here are set up without DEFER_TASKRUN. With it the eventfd does fire (when
 queued), but a GETEVENTS that does not wait, the only kind an event loop may make, runs at most 20
 deferred items (IO_LOCAL_TW_DEFAULT_MAX on 6.18); items that post no CQE (a send retried after
 socket space appeared, still partial) still count, and what is left gets no new signal until new
-work arrives. Seen here: 500 concurrent sends to readers stalled for good. COOP_TASKRUN runs task
-work at the next kernel entry, epoll_wait included, and has no such limit.
+work arrives. Seen here: 500 concurrent sends to readers stalled for good. With COOP_TASKRUN the
+kernel runs task work, all of it, on the thread's next return from a system call (a sleeping
+epoll_wait is woken for it), and the CQEs it posts signal the eventfd.
 """
 import asyncio
 import errno
