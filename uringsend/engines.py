@@ -48,7 +48,7 @@ class Engine:
         self.pos = start
         self.end = end
         self.header = header
-        self.fds = [sock_fd, file_fd]  # our own duplicates, closed when the transfer settles
+        self.fds = [sock_fd, file_fd]  # our own duplicates: the socket's closed when done, the file's when settled
         # a chain (POLL_ADD, header and the chunks) must fit the SQ: it is never split
         self.window = max(1, min(self.window, (ring.sq_entries - 2) // self.ops_per_chunk))
         self.chain_left = 0   # results still due for the chain in flight
@@ -199,6 +199,9 @@ class Engine:
         if self.cancelled and t.error is None and (self.pos < self.end or self._header_left()):
             t.error = TransferCancelled(f"transfer cancelled after {t.sent} of {t.count} bytes")
         t.done = True
+        # No op will be issued on the socket any more (notifications and cancels go by
+        # user_data): let it go now, so a caller's close() really closes the connection.
+        os.close(self.fds.pop(0))
         self._maybe_settle()
 
     def _maybe_settle(self):

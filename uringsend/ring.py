@@ -250,6 +250,7 @@ class Ring:
         """Submit what is queued, reap what has completed (waiting up to ``timeout`` seconds for
         at least one completion; None waits without limit). Returns the number of CQEs handled."""
         self._check_owner()
+        self._pump_ready()  # engines readied without a completion (a cancel, a withdrawal)
         self._flush()
         ns = -1 if timeout is None else max(0, int(timeout * 1e9))
         before = len(self._reaped)

@@ -131,6 +131,10 @@ class TeeEngine:
         if self.dropped[i] and t.error is None and self.pos[i] < self.end:
             t.error = TransferCancelled(f"transfer cancelled after {t.sent} of {t.count} bytes")
         t.done = True
+        fd = self.socks[i]  # no op will be issued on it any more: a caller's close() closes it
+        if fd in self.fds:
+            self.fds.remove(fd)
+            os.close(fd)
 
     def cancel_dest(self, i):
         self.dropped[i] = True
