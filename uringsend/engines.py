@@ -10,18 +10,17 @@ Every op stays in the ledger until nothing more can arrive for it; only then doe
 of the buffer, pipe or mapping it used.
 """
 import errno
-import mmap
 import os
 import select
 import socket
 
 from . import _lowlevel as ll
-from .errors import TransferCancelled, memlock_text, op_error
+from ._lowlevel import PAGE
+from .errors import TransferCancelled, fd_name, memlock_text, op_error
 from .ledger import Op
 from .transfer import QUEUED, RELEASED, SENT
 from .zc import max_zc_chunk
 
-PAGE = mmap.PAGESIZE
 
 SEND_FLAGS = socket.MSG_WAITALL | socket.MSG_NOSIGNAL  # WAITALL: a short send breaks the link
 HEADER_FLAGS = SEND_FLAGS | socket.MSG_MORE             # header and body leave as one stream
@@ -29,10 +28,6 @@ REPORT_USAGE = ll.IORING_SEND_ZC_REPORT_USAGE
 _RETRY = (-errno.ECANCELED, -errno.EINTR, -512, -errno.EAGAIN)  # -512: ERESTARTSYS from a cancel
 MAX_STALLS = 8  # chains in a row that moved no byte before the transfer gives up
 CHAIN_BYTES = 8 << 20  # bytes one chain of a mapping-based transfer may carry
-
-
-def _name(fd):
-    return "the file" if fd is None else f"fd {fd}"
 
 
 class Engine:
@@ -357,7 +352,7 @@ class MapEngine(Engine):
                 self.t.fallback = "SEND_ZC failed with ENOMEM (RLIMIT_MEMLOCK): copying sends instead"
             elif self.t.error is None:
                 self.t.error = OSError(errno.ENOMEM, (
-                    f"send_zc on {_name(self.t.sock_fd)}: {os.strerror(errno.ENOMEM)}: pages pinned by "
+                    f"send_zc on {fd_name(self.t.sock_fd)}: {os.strerror(errno.ENOMEM)}: pages pinned by "
                     f"zero-copy sends count against RLIMIT_MEMLOCK ({memlock_text()}); lower "
                     "Ring(zc_budget=...) or raise the limit"))
             return True
@@ -377,7 +372,7 @@ class MapEngine(Engine):
         through the mapping cannot see EOF there. Say so rather than report success."""
         if self.pos > size and self.t.error is None:
             self.t.error = OSError(errno.EFAULT, (
-                f"send from the mapping of {_name(self.t.file_fd)}: the file shrank to {size} bytes "
+                f"send from the mapping of {fd_name(self.t.file_fd)}: the file shrank to {size} bytes "
                 f"during the transfer and the {self.pos - size} bytes after that went out as "
                 "zeros (modes 'splice' and 'zerocopy' read the file and stop at its end)"))
 

@@ -40,8 +40,11 @@ def op_error(res, op, fd):
     """OSError for a negative CQE ``res``: ``<op> on fd N: <strerror>`` (N is the caller's fd;
     None when the file was given by path)."""
     err = -res
-    where = "the file" if fd is None else f"fd {fd}"
-    return OSError(err, f"{op} on {where}: {os.strerror(err)}")
+    return OSError(err, f"{op} on {fd_name(fd)}: {os.strerror(err)}")
+
+
+def fd_name(fd):
+    return "the file" if fd is None else f"fd {fd}"
 
 
 def memlock_text():

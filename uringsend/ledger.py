@@ -91,12 +91,8 @@ class Ledger:
     def awaiting_result(self):
         return [op for op in self._ops.values() if op.res is None]
 
-    def dispatch(self, cqes, now):
-        """Hand each (user_data, res, flags) to its op's owner."""
-        for cqe in cqes:
-            self.dispatch_one(cqe, now)
-
     def dispatch_one(self, cqe, now):
+        """Hand one (user_data, res, flags) to its op's owner."""
         user_data, res, flags = cqe
         ops = self._ops
         op = ops.get(user_data)

@@ -7,10 +7,9 @@ import mmap
 import os
 import termios
 
-from ._lowlevel import FileMapping, Pinned
+from ._lowlevel import PAGE, FileMapping, Pinned
 from .errors import memlock_text
 
-PAGE = mmap.PAGESIZE
 
 
 def pipe_max_size():

@@ -23,6 +23,7 @@ from .transfer import Transfer
 from .zc import default_zc_budget, zc_charge
 
 MODES = ("auto", "splice", "zerocopy", "mmap", "copy")
+AUTO = "copy"  # the fastest mode that reports releases, at every size measured (README: Benchmark)
 WAIT_SLICE_NS = 250_000_000
 _F = ll.SETUP_FLAGS
 SETUP_ATTEMPTS = (
@@ -188,7 +189,7 @@ class Ring:
             if offset > size:
                 raise ValueError(f"offset {offset} is past the end of the file ({size} bytes)")
             end = size if count is None else min(size, offset + count)
-            chosen = self._choose(mode, end - offset)
+            chosen = AUTO if mode == "auto" else mode
             transfer = Transfer(self, chosen, user_sock, user_file, offset,
                                 count if count is not None else end - offset, len(header), on_release)
             header = bytes(header)
@@ -328,7 +329,7 @@ class Ring:
             warnings.warn(f"uringsend: ring closed with {len(held)} operations still referencing "
                           "memory; keeping that memory alive", ResourceWarning, stacklevel=2)
             self.kept_alive = len(held)
-            _kept_alive.append((held, self._pool, list(self._engines)))
+            self._keep_alive()
         self._raw.close()
         self._raw = None
         if not held and self._pool is not None:
@@ -343,16 +344,15 @@ class Ring:
     def __del__(self):
         if getattr(self, "_raw", None) is not None and _forks[0] == self._fork:
             if len(self.ledger):
-                _kept_alive.append((self.ledger.ops(), self._pool, list(self._engines)))
+                self._keep_alive()
             self._raw.close()
             self._raw = None
 
-    # ---- engine side -------------------------------------------------------------------------
-    def _choose(self, mode, nbytes):
-        if mode != "auto":
-            return mode
-        return "copy"
+    def _keep_alive(self):
+        """Keep what in-flight ops may reference alive for the life of the process."""
+        _kept_alive.append((self.ledger.ops(), self._pool, list(self._engines)))
 
+    # ---- engine side -------------------------------------------------------------------------
     def _buffer_pool(self):
         if self._pool is None:
             self._pool = BufferPool(self._raw, *self._buffers_spec)
