@@ -7,7 +7,9 @@ import time
 
 import psutil
 
-from . import machine, report, sections, senders
+from uringsend import measure
+
+from . import machine, report, sections
 from .client import Worker
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -17,7 +19,8 @@ DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 @dataclasses.dataclass
 class Plan:
     """How much of everything to measure. ``counts`` maps a size bound to the request count for
-    sizes up to it (latency); requests are split over ``rounds`` interleaved rounds."""
+    sizes up to it (latency); requests are split over ``rounds`` interleaved rounds. The cost per
+    transfer runs in as many rounds, for about ``cost_transfer_seconds`` in all."""
 
     preset: str
     sizes: list
@@ -26,6 +29,7 @@ class Plan:
     stream_size: int
     stream_reps: int
     cost_reps: int
+    cost_transfer_seconds: float
     clients: list
     concurrency_size: int
     concurrency_warmup: float
@@ -39,23 +43,20 @@ class Plan:
             n = next(c for bound, c in sorted(self.counts.items()) if size <= bound)
         return max(self.rounds, n - n % self.rounds)
 
-    def warmup(self, size):
-        return max(3, self.requests(size) // 20)
-
 
 SIZES = [4 * KiB, 64 * KiB, 1 * MiB, 16 * MiB]
 ANY = 1 << 62
 PRESETS = {
     # 2000+ samples beyond warm-up for the small sizes: p99 rests on 50 samples, p99.9 on 5
     "full": dict(counts={64 * KiB: 5000, 1 * MiB: 1000, ANY: 200}, rounds=5, stream_size=256 * MiB,
-                 stream_reps=9, cost_reps=4, clients=[1, 16, 64], concurrency_size=64 * KiB,
-                 concurrency_warmup=0.5, concurrency_duration=3.0),
+                 stream_reps=9, cost_reps=4, cost_transfer_seconds=30.0, clients=[1, 16, 64],
+                 concurrency_size=64 * KiB, concurrency_warmup=0.5, concurrency_duration=3.0),
     "quick": dict(counts={64 * KiB: 600, 1 * MiB: 150, ANY: 24}, rounds=2, stream_size=256 * MiB,
-                  stream_reps=2, cost_reps=2, clients=[1, 16, 64], concurrency_size=64 * KiB,
-                  concurrency_warmup=0.2, concurrency_duration=0.6),
+                  stream_reps=2, cost_reps=2, cost_transfer_seconds=6.0, clients=[1, 16, 64],
+                  concurrency_size=64 * KiB, concurrency_warmup=0.2, concurrency_duration=0.6),
     "tiny": dict(counts={64 * KiB: 60, 1 * MiB: 20, ANY: 4}, rounds=1, stream_size=32 * MiB,
-                 stream_reps=1, cost_reps=1, clients=[1, 16, 64], concurrency_size=64 * KiB,
-                 concurrency_warmup=0.05, concurrency_duration=0.15),
+                 stream_reps=1, cost_reps=1, cost_transfer_seconds=1.0, clients=[1, 16, 64],
+                 concurrency_size=64 * KiB, concurrency_warmup=0.05, concurrency_duration=0.15),
 }
 
 
@@ -70,7 +71,7 @@ def parse_size(text):
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench", description=(
         "uringsend vs blocking splice/sendfile/read+send over loopback: latency, release, "
-        "throughput, cost, concurrency. Writes JSON, Markdown and plots."))
+        "throughput, cost per transfer, cost, concurrency. Writes JSON, Markdown and plots."))
     speed = p.add_mutually_exclusive_group()
     speed.add_argument("--quick", action="store_true", help="every contender and section at reduced counts (< 60 s)")
     speed.add_argument("--tiny", action="store_true", help="minimal counts, for the smoke test (~15 s); "
@@ -114,26 +115,28 @@ def main(argv=None):
             "command": " ".join(["python -m bench"] + (sys.argv[1:] if argv is None else list(argv))),
             "machine": machine.describe(),
             "config": dataclasses.asdict(plan),
-            "contenders": list(senders.CONTENDERS),
+            "contenders": list(measure.CONTENDERS),
         }
         result["config"]["counts"] = {str(s): plan.requests(s) for s in plan.sizes}
-        files = sections.Workspace(plan.sizes + [plan.stream_size, plan.concurrency_size])
+        result["config"]["cost_transfer_sizes"] = list(sections.COST_SIZES)
+        files = measure.Workspace(plan.sizes + list(sections.COST_SIZES) + [plan.stream_size, plan.concurrency_size])
         log(f"files ready in {files.dir}; preset {plan.preset}")
-        server = sections.Server()
+        server = measure.Server()
         conns = {}
-        for name in senders.CONTENDERS:
-            contenders[name] = senders.make(name)
+        for name in measure.CONTENDERS:
+            contenders[name] = measure.make(name)
             conns[name] = server.connect(workers[0], name, 1)[0]
         result["latency"], result["release"] = sections.latency(plan, contenders, conns, workers[0], files, log)
         result["throughput"] = sections.throughput(plan, contenders, conns, workers[0], files, log)
         for sender in contenders.values():
             sender.close()
         contenders.clear()
-        result["cost"] = sections.cost(plan, senders.CONTENDERS, conns, workers[0], files, log)
-        for name in senders.CONTENDERS:
+        result["cost_per_transfer"] = sections.cost_per_transfer(plan, server, workers[0], files, log)
+        result["cost"] = sections.cost(plan, measure.CONTENDERS, conns, workers[0], files, log)
+        for name in measure.CONTENDERS:
             workers[0].call("close", name)
             conns[name].close()
-        result["concurrency"] = sections.concurrency(plan, senders.URING_MODES, server, workers, files, log)
+        result["concurrency"] = sections.concurrency(plan, measure.URING_MODES, server, workers, files, log)
     finally:
         for sender in contenders.values():
             sender.close()

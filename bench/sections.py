@@ -1,151 +1,36 @@
 """The measurements. The server side runs on this process's main thread (the thread that owns the
 rings); clients are Worker processes. Contenders take turns, in a rotated order each round, so that
-load from elsewhere on the machine falls on all of them alike.
+load from elsewhere on the machine falls on all of them alike. Latency and cost per transfer are
+``uringsend.measure``'s (shared with ``python -m uringsend compare``); the rest is the benchmark's.
 """
 import os
 import resource
 import selectors
-import shutil
-import socket
-import tempfile
 import threading
 import time
 
 import psutil
 
 import uringsend
-
-from . import senders
-from .client import END, REQUEST
-from .stats import summary_us
+from uringsend import measure
+from uringsend.measure import summary_us
 
 MiB = 1 << 20
-
-
-class Workspace:
-    """The files (one per size), written and synced: the page cache holds them, clean (no
-    writeback during a run). Each is opened once, as a server would."""
-
-    def __init__(self, sizes):
-        self.dir = tempfile.mkdtemp(prefix="uringsend-bench-")
-        self.fds = {}
-        block = bytearray(os.urandom(MiB))
-        for size in sorted(set(sizes)):
-            path = os.path.join(self.dir, f"{size}.bin")
-            with open(path, "wb") as f:
-                for i, off in enumerate(range(0, size, MiB)):
-                    block[:8] = i.to_bytes(8, "little")  # no two MiB alike
-                    f.write(block[:min(MiB, size - off)])
-                f.flush()
-                os.fsync(f.fileno())
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
-            self.fds[size] = fd
-
-    def close(self):
-        for fd in self.fds.values():
-            os.close(fd)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class Server:
-    """The listening socket; hands out accepted connections, TCP_NODELAY on both ends."""
-
-    def __init__(self):
-        self.listener = socket.create_server(("127.0.0.1", 0), backlog=512)
-        self.address = self.listener.getsockname()
-
-    def connect(self, worker, key, count):
-        """Have ``worker`` open ``count`` connections filed under ``key``; returns ours."""
-        worker.start("connect", key, self.address, count)
-        conns = []
-        for _ in range(count):
-            conn, _ = self.listener.accept()
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conns.append(conn)
-        worker.result()
-        return conns
-
-    def close(self):
-        self.listener.close()
-
-
-def serve(sender, conn, fd, size, n):
-    """Answer a batch of n one-byte requests on ``conn``; returns the release times (ns)."""
-    released = []
-    for _ in range(n):
-        if conn.recv(1) != REQUEST:
-            raise ConnectionError("the client went away mid-run")
-        r = sender.send(conn, fd, size)
-        if r is not None:
-            released.append(r)
-    if conn.recv(1) != END:
-        raise ConnectionError("the client did not end its batch")
-    return released
-
-
-def _rotated(items, k):
-    k %= len(items)
-    return items[k:] + items[:k]
-
-
-class ZcCounter:
-    """Per-key deltas of a uringsend sender's (copied, zerocopy) notification counters."""
-
-    def __init__(self):
-        self.totals = {}
-
-    def around(self, sender, key, fn, *args):
-        if not isinstance(sender, senders.Uring):
-            return fn(*args)
-        c0, z0 = sender.counters()
-        try:
-            return fn(*args)
-        finally:
-            c1, z1 = sender.counters()
-            c, z = self.totals.get(key, (0, 0))
-            self.totals[key] = (c + c1 - c0, z + z1 - z0)
-
-    def row(self, key):
-        if key not in self.totals:
-            return {}
-        copied, zerocopy = self.totals[key]
-        return {"chunks_copied": copied, "chunks_zerocopy": zerocopy}
+COST_SIZES = measure.SMALL_SIZES  # the cost per transfer
 
 
 def latency(plan, contenders, conns, worker, files, log):
     """Request -> response latency at the client, one connection per contender, warm-up
     excluded; and, for stable modes, submission -> last chunk released at the server."""
-    samples = {(name, size): [] for name in contenders for size in plan.sizes}
-    released = {(name, size): [] for name in contenders for size in plan.sizes}
-    zc = ZcCounter()
-    names = list(contenders)
-    for name in names:
-        for size in plan.sizes:
-            warm = plan.warmup(size)
-            worker.start("latency", name, size, warm)
-            serve(contenders[name], conns[name], files.fds[size], size, warm)
-            worker.result()
-    for rnd in range(plan.rounds):
-        for name in _rotated(names, rnd):
-            sender, conn = contenders[name], conns[name]
-            for size in plan.sizes:
-                n = plan.requests(size) // plan.rounds
-                worker.start("latency", name, size, n)
-                released[name, size] += zc.around(sender, (name, size), serve, sender, conn,
-                                                  files.fds[size], size, n)
-                samples[name, size].append(worker.result())
-        log(f"latency round {rnd + 1}/{plan.rounds} done")
-    out, release = {}, {}
-    for name in names:
-        out[name] = {}
-        for size in plan.sizes:
-            ns = [v for chunk in samples[name, size] for v in memoryview(chunk).cast("q")]
-            out[name][str(size)] = summary_us(ns)
-            out[name][str(size)].update(zc.row((name, size)))
-            if released[name, size]:
-                release.setdefault(name, {})[str(size)] = summary_us(released[name, size])
-    return out, release
+    counts = {size: plan.requests(size) for size in plan.sizes}
+    return measure.latency(contenders, conns, worker, files.fds, plan.sizes, plan.rounds, counts=counts, log=log)
+
+
+def cost_per_transfer(plan, server, worker, files, log):
+    """Sender CPU µs per transfer of a small file, the reader in the worker process; every
+    contender and the blocking one-liner ``uringsend.sendfile()``."""
+    return measure.cost_per_transfer(measure.ALL, server, worker, files.fds, COST_SIZES, plan.rounds,
+                                     plan.cost_transfer_seconds, log)
 
 
 def throughput(plan, contenders, conns, worker, files, log):
@@ -154,11 +39,11 @@ def throughput(plan, contenders, conns, worker, files, log):
     fd = files.fds[size]
     names = list(contenders)
     times = {name: [] for name in names}
-    zc = ZcCounter()
+    zc = measure.ZcCounter()
     for rnd in range(plan.stream_reps + 1):  # round 0 warms up
-        for name in _rotated(names, rnd):
+        for name in measure.rotated(names, rnd):
             worker.start("stream", name, size, 1)
-            zc.around(contenders[name], name if rnd else "warm", serve, contenders[name], conns[name], fd, size, 1)
+            zc.around(contenders[name], name if rnd else "warm", measure.serve, contenders[name], conns[name], fd, size, 1)
             t = worker.result()[0]
             if rnd:
                 times[name].append(t)
@@ -241,16 +126,16 @@ def cost(plan, names, conns, worker, files, log):
     size = plan.stream_size
     fd = files.fds[size]
     proc = psutil.Process()
-    zc = ZcCounter()
+    zc = measure.ZcCounter()
     out = {}
     for name in names:
         fds_before = proc.num_fds()
-        sender = senders.make(name)
+        sender = measure.make(name)
         try:
             worker.start("stream", name, size, plan.cost_reps)
             with MemoryWatch() as mem:
                 cpu0, t0 = _cpu(), time.perf_counter()
-                zc.around(sender, name, serve, sender, conns[name], fd, size, plan.cost_reps)
+                zc.around(sender, name, measure.serve, sender, conns[name], fd, size, plan.cost_reps)
                 cpu1, t1 = _cpu(), time.perf_counter()
             worker.result()
             fds_open = proc.num_fds()
@@ -290,7 +175,7 @@ def _threads_splice(conns, fd, size):
     errors = []
 
     def run(conn):
-        sender = senders.BlockingSplice(pipe_size=max(size, 64 << 10))
+        sender = measure.BlockingSplice(pipe_size=max(size, 64 << 10))
         try:
             while conn.recv(1):
                 sender.send(conn, fd, size)
@@ -375,7 +260,7 @@ def concurrency(plan, modes, server, workers, files, log):
             if name == "splice-threads":
                 extra = _threads_splice(conns, fd, size)
             else:
-                extra = _one_ring(senders.uring_mode(name), conns, fd, size)
+                extra = _one_ring(measure.uring_mode(name), conns, fd, size)
             ns = [v for w in busy for v in memoryview(w.result()).cast("q")]
             for conn in conns:
                 conn.close()

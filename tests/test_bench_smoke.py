@@ -13,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 URING_MODES = ["splice", "zerocopy", "mmap", "copy", "auto"]
 STABLE = ["uringsend-zerocopy", "uringsend-mmap", "uringsend-copy", "uringsend-auto"]
 CONTENDERS = ["splice", "sendfile", "read-send"] + [f"uringsend-{m}" for m in URING_MODES]
+ONESHOT = "uringsend.sendfile"
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -74,9 +75,30 @@ def test_throughput_cost_and_concurrency_sections(tiny):
     assert result["fds"]["start"] == result["fds"]["end"]
 
 
+def test_cost_per_transfer_section(tiny):
+    out, _, result = tiny
+    per = result["cost_per_transfer"]
+    assert list(per) == CONTENDERS + [ONESHOT]
+    assert result["config"]["cost_transfer_sizes"] == [4096, 65536]
+    for name, rows in per.items():
+        assert list(rows) == ["4096", "65536"]
+        for size, row in rows.items():
+            assert row["transfers"] > 0 and row["cpu_us"] > 0 and row["wall_us"] > 0
+            assert row["ratio_cpu_vs_splice"] == pytest.approx(row["cpu_us"] / per["splice"][size]["cpu_us"], abs=1e-3)
+            assert row["ratio_cpu_vs_sendfile"] == pytest.approx(row["cpu_us"] / per["sendfile"][size]["cpu_us"],
+                                                                 abs=1e-3)
+    table = (out / "latest.md").read_text()
+    assert "### Cost per transfer" in table and f"| 64 KiB | {ONESHOT} |" in table
+
+
 def test_targets_machine_and_files(tiny):
     out, proc, result = tiny
-    assert len(result["targets"]) == 7
+    names = [t["target"] for t in result["targets"]]
+    assert len(names) == 10
+    for words in ("best stable mode >= 0.6x", "best mode >= 1.0x", "64 KiB latency: best stable mode p50 and p99 <= 1.1x",
+                  "4 KiB cost per transfer: copy <= 1.0x blocking splice", "copy <= 1.2x os.sendfile",
+                  "uringsend.sendfile() <= 1.3x os.sendfile", "requests/s"):
+        assert any(words in n for n in names), words
     assert {t["status"] for t in result["targets"]} <= {"PASS", "MISS"}
     for key in ("host", "kernel", "cpu_model", "cores_logical", "python"):
         assert result["machine"][key]
@@ -94,3 +116,16 @@ def test_json_only_writes_only_json_for_the_sizes_asked(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(["latest.json", os.path.basename(proc.stdout.strip())])
     result = json.loads((tmp_path / "latest.json").read_text())
     assert result["config"]["counts"] == {"4096": 8, "65536": 8}
+
+
+def test_plots_are_skipped_without_matplotlib(tiny, tmp_path):
+    out, _, _ = tiny
+    code = ("import json, sys; sys.modules['matplotlib'] = None; from bench import report; "
+            "print(json.dumps(report.write(json.load(open(sys.argv[1])), sys.argv[2], False)))")
+    proc = subprocess.run([sys.executable, "-c", code, str(out / "latest.json"), str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "plots skipped" in proc.stderr and "matplotlib" in proc.stderr
+    written = [os.path.basename(p) for p in json.loads(proc.stdout)]
+    assert "latest.md" in written and not any(p.endswith(".png") for p in written)
+    assert not list(tmp_path.glob("*.png"))

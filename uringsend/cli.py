@@ -1,6 +1,7 @@
-"""python -m uringsend: probe the kernel, run the demos, serve files.
+"""python -m uringsend: probe the kernel, run the demos, compare with blocking senders, serve files.
 
-Commands only parse arguments and format what ``uringsend.probe()`` and ``uringsend.demos`` return:
+Commands only parse arguments and format what ``uringsend.probe()``, ``uringsend.demos`` and
+``uringsend.measure`` return:
 aligned tables, colour only on a terminal (and never with NO_COLOR), ``--json`` for one JSON
 document. The exit status is 1 when a demo's own check fails.
 """
@@ -11,8 +12,9 @@ import os
 import re
 import sys
 import textwrap
+import time
 
-from . import demos
+from . import demos, measure
 from .errors import IoUringUnavailable
 from .probe import probe
 from .ring import MODES
@@ -274,6 +276,74 @@ def run_demo(args, out):
     return 0 if ok else 1
 
 
+# ---- compare -----------------------------------------------------------------------------------
+def sizes_arg(text):
+    """'4K,64K' -> [4096, 65536]."""
+    return [size_arg(part) for part in text.split(",")]
+
+
+def positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if not 0 < value < float("inf"):  # NaN too
+            raise argparse.ArgumentTypeError(f"not a positive number: {text!r}")
+        return value
+    return parse
+
+
+def _x(value):
+    return "-" if value is None else f"{value:.2f}x"
+
+
+_F1, _F2 = "{:.1f}".format, "{:.2f}".format
+# section: (what it measures, its columns: (header, field, format))
+COMPARE_SECTIONS = (
+    ("cost_per_transfer", "cost per transfer: the sender's CPU µs (process CPU time, io-wq workers included) "
+                          "while the peer reads and discards",
+     (("CPU µs", "cpu_us", _F2), ("wall µs", "wall_us", _F2), ("vs splice", "ratio_cpu_vs_splice", _x),
+      ("vs sendfile", "ratio_cpu_vs_sendfile", _x), ("transfers", "transfers", str))),
+    ("latency", "latency: request sent -> last byte received by the client, µs",
+     (("p50", "p50_us", _F1), ("p99", "p99_us", _F1), ("p50 vs splice", "ratio_p50_vs_splice", _x),
+      ("p99 vs splice", "ratio_p99_vs_splice", _x), ("requests", "n", str))),
+)
+
+
+def show_compare(r, out):
+    sizes = " and ".join(human(s) for s in r["sizes"])
+    out.title(f"compare: uringsend vs blocking splice, os.sendfile and read+send; {sizes}, loopback TCP, "
+              f"the peer in another process; medians of {plural(r['rounds'], 'rotated round')}")
+    for section, what, columns in COMPARE_SECTIONS:
+        out.line()
+        out.para(what)
+        rows = [(human(size), name, *(fmt(row[field]) for _, field, fmt in columns))
+                for size in r["sizes"] for name, by_size in r[section].items() for row in [by_size[str(size)]]]
+        out.table(("size", "contender", *(header for header, _, _ in columns)), rows,
+                  right=set(range(2, 2 + len(columns))))
+    out.line()
+    m = r["machine"]
+    out.para(f"ratios: the contender's value over blocking splice's (or os.sendfile's); below 1.00x is cheaper "
+             f"or faster. Stable modes (zerocopy, mmap, copy, auto, and uringsend.sendfile) wait for every "
+             f"release. Linux {m['kernel']}, {m['cores']} cores, load average {m['loadavg_start'][0]} -> "
+             f"{m['loadavg_end'][0]}; {r['elapsed_s']} s.")
+    return 0
+
+
+def run_compare(args, out):
+    began = time.monotonic()
+
+    def log(msg):
+        print(f"[{time.monotonic() - began:5.1f}s] {msg}", file=out.err, flush=True)
+
+    result = measure.compare(args.sizes, args.rounds, args.seconds, log)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    return show_compare(result, out)
+
+
 def build_parser():
     as_json = argparse.ArgumentParser(add_help=False)
     # on every level (demo --json, demo notify --json); SUPPRESS keeps a subparser from resetting it
@@ -304,6 +374,20 @@ def build_parser():
     tee.add_argument("--sockets", type=int, default=3, choices=range(1, 65), metavar="N",
                      help="sockets, 1 to 64 (default: 3)")
     tee.add_argument("--size", type=size_arg, default=1 << 20, help="file size (default: 1 MiB)")
+    compare = sub.add_parser(
+        "compare", parents=[as_json],
+        help="cost per transfer and latency: blocking splice, os.sendfile, read+send, every mode",
+        description="Send small files over loopback TCP to a peer in another process: the sender's CPU time "
+                    "per transfer and the request -> last byte latency of blocking splice, os.sendfile, "
+                    "read+send, every uringsend mode and uringsend.sendfile(), with ratios to blocking splice "
+                    "(and os.sendfile). Progress on stderr.")
+    compare.add_argument("--sizes", type=sizes_arg, default=list(measure.SMALL_SIZES),
+                         help="file sizes, comma separated (default: 4K,64K)")
+    compare.add_argument("--rounds", type=positive(int), default=5,
+                         help="rotated rounds; each figure is a median over them (default: 5)")
+    compare.add_argument("--seconds", type=positive(float), default=20.0,
+                         help="measuring time, half for each section; set-up and warm-ups come on top "
+                              "(default: 20)")
     try:
         from .server import add_arguments, run
     except ImportError:
@@ -328,6 +412,8 @@ def main(argv=None):
             return show_probe(info, out)
         if args.command == "demo":
             return run_demo(args, out)
+        if args.command == "compare":
+            return run_compare(args, out)
         return args.run(args)
     except KeyboardInterrupt:
         out.clear_progress()
