@@ -18,8 +18,9 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def run_bench(out, *args):
+    # below pytest's own timeout (120 s), so that a stuck run is killed rather than left behind
     proc = subprocess.run([sys.executable, "-m", "bench", "--tiny", "--out", str(out), *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=180)
+                          cwd=ROOT, capture_output=True, text=True, timeout=100)
     assert proc.returncode == 0, f"bench failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     return proc
 

@@ -18,8 +18,9 @@ TINY = ("--seconds", "1", "--rounds", "2")
 
 
 def compare(*args):
+    # below pytest's own timeout (120 s), so that a stuck run is killed rather than left behind
     proc = subprocess.run([sys.executable, "-m", "uringsend", "compare", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=100)
     assert proc.returncode == 0, f"compare failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     return proc
 

@@ -368,10 +368,14 @@ def _job_close(socks, key):
         sock.close()
 
 
-def _serve_jobs(pipe, jobs):
+def _serve_jobs(pipe, parent_end, jobs):
+    parent_end.close()  # the fork's copy: without it, the parent's exit would never read as EOF here
     socks = {}  # key -> list of connected sockets
     while True:
-        job = pipe.recv()
+        try:
+            job = pipe.recv()
+        except EOFError:  # the parent went away
+            break
         if job is None:
             break
         kind, key, *args = job
@@ -398,7 +402,8 @@ class Worker:
     def __init__(self, name="uringsend-client"):
         ctx = multiprocessing.get_context("fork")
         self._pipe, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve_jobs, args=(child, dict(self.jobs)), daemon=True, name=name)
+        self.process = ctx.Process(target=_serve_jobs, args=(child, self._pipe, dict(self.jobs)), daemon=True,
+                                   name=name)
         self.process.start()
         child.close()
 
