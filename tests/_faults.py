@@ -236,5 +236,7 @@ def assert_clean(ring):
     assert st["buffers_free"] == st["buffers_total"], st
     assert st["orphan_cqes"] == 0, st
     assert st["queued_chains"] == 0, st
-    # an idle pipe holds no stale bytes that a later transfer would send
-    assert [p.pending() for p in ring.pipes._idle] == [0] * st["pipes_idle"]
+    assert len(ring.ledger) == 0, st  # no raw op in flight either
+    # an idle pipe holds no stale bytes that a later transfer would send (the engine keeps every
+    # pipe, tee's included; one it cannot empty is closed, never pooled)
+    assert ring._core.idle_pipe_bytes() == 0, st

@@ -1,5 +1,6 @@
 """Helpers for the kernel-fact tests (tests/test_semantics_*.py): raw ops on a Ring, bounded
-waits, sockets that cannot take a byte, io-wq worker counts, and a bare syscall ring.
+waits, sockets that cannot take a byte, io-wq worker counts, a bare syscall ring, and read-only
+views of a Ring's own SQ, CQ and SQE array.
 
 Rule (SEMANTICS.md) -> test:
   headers  test_semantics_links.py::test_constants_newer_than_liburing_2_3
@@ -104,20 +105,19 @@ class Recorder:
 
 
 def submit(ring, *chains):
-    """Each chain is linked with IOSQE_IO_LINK (all but its last op)."""
+    """Each chain is linked with IOSQE_IO_LINK (all but its last op); all chains go in one
+    submission."""
+    ops, flags = [], []
     for chain in chains:
-        ring._submit_chain(list(chain))
-    ring._flush()
+        chain = list(chain)
+        ops += chain
+        flags += [ll.IOSQE_IO_LINK] * (len(chain) - 1) + [0]
+    ring.ledger.submit(ops, sqe_flags=flags)
 
 
 def submit_flagged(ring, pairs):
     """Prepare ``[(op, sqe_flags)]`` exactly as given (e.g. IOSQE_IO_HARDLINK), in one submission."""
-    fields = []
-    for op, flags in pairs:
-        ring.ledger.add(op)
-        fields.append(op.fields(flags))
-    assert ring._raw.prep(fields) == len(fields)
-    ring._raw.submit()
+    ring.ledger.submit([op for op, _ in pairs], sqe_flags=[flags for _, flags in pairs])
 
 
 def wait_res(ring, *ops, timeout=10):
@@ -142,9 +142,89 @@ def cancel(ring, rec, target):
     return wait_res(ring, c)[0]
 
 
+def no_orphans(ring):
+    """No CQE reached the engine or the ledger without an op to take it."""
+    assert ring.statistics()["orphan_cqes"] == 0
+    if ring.ledger.trace is not None:
+        assert all(op is not None for _, op, *_ in ring.ledger.trace)
+    return True
+
+
 def cqes(ring, op):
     """(res, flags) of every CQE the trace holds for ``op``'s user_data, in arrival order."""
     return [(res, flags) for _, _, ud, res, flags in ring.ledger.trace if ud == op.user_data]
+
+
+IOSQE_FIXED_FILE = 1 << 0
+
+
+class RingView:
+    """Read-only looks into a Ring's own rings (mapped again from its fd), for what the engine
+    keeps to itself: the kernel's SQ flags word, the CQEs not yet reaped, the SQEs prepared."""
+
+    _OFF_SQ_RING, _OFF_CQ_RING, _OFF_SQES = 0, 0x8000000, 0x10000000
+    SQ_CQ_OVERFLOW = 1 << 1
+
+    def __init__(self, ring):
+        with SyscallRing(ring.sq_entries) as probe:  # the rings' layout, from a ring of that size
+            self._tail_at, self._flags_at, ring_len = probe._sq_tail, probe._sq_flags, len(probe.sq)
+            self._cq_head_at, self._cq_tail_at, self._cqes_at = probe._cq_head, probe._cq_tail, probe._cqes
+        self.entries = ring.sq_entries
+        self._cq_mask = ring.cq_entries - 1
+        self._sq = mmap.mmap(ring.fd, ring_len, offset=self._OFF_SQ_RING)
+        self._cq = mmap.mmap(ring.fd, self._cqes_at + 16 * ring.cq_entries, offset=self._OFF_CQ_RING)
+        self._sqes = mmap.mmap(ring.fd, 64 * self.entries, offset=self._OFF_SQES)
+
+    def cq_visible(self):
+        """The CQEs in the CQ now, not yet reaped, as (user_data, res, flags); consumes nothing."""
+        head = struct.unpack_from("I", self._cq, self._cq_head_at)[0]
+        tail = struct.unpack_from("I", self._cq, self._cq_tail_at)[0]
+        out = []
+        while head != tail:
+            out.append(struct.unpack_from("QiI", self._cq, self._cqes_at + 16 * (head & self._cq_mask)))
+            head = (head + 1) & 0xFFFFFFFF
+        return out
+
+    @property
+    def sq_flags(self):
+        return struct.unpack_from("I", self._sq, self._flags_at)[0]
+
+    @property
+    def cq_overflow(self):
+        """The kernel holds CQEs that did not fit the CQ (IORING_SQ_CQ_OVERFLOW)."""
+        return bool(self.sq_flags & self.SQ_CQ_OVERFLOW)
+
+    def sqes(self):
+        """Every SQE prepared so far, in preparation order, as dicts of struct io_uring_sqe fields:
+        the kernel copies an SQE when it is submitted and leaves the array as it was. Asserts that
+        no more SQEs than the SQ holds were prepared in the ring's life, so none was overwritten."""
+        tail = struct.unpack_from("I", self._sq, self._tail_at)[0]
+        assert tail <= self.entries, f"{tail} SQEs prepared on a ring of {self.entries}: the first ones were overwritten"
+        out = []
+        for i in range(tail):
+            (opcode, flags, ioprio, fd, off, addr, length, op_flags, user_data,
+             buf_index) = struct.unpack_from("BBHiQQIIQH", self._sqes, 64 * i)
+            out.append({"opcode": opcode, "flags": flags, "ioprio": ioprio, "fd": fd, "off": off,
+                        "addr": addr, "len": length, "op_flags": op_flags, "user_data": user_data,
+                        "buf_index": buf_index})
+        return out
+
+    def close(self):
+        self._sq.close()
+        self._cq.close()
+        self._sqes.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def prepared_sqes(ring):
+    """Every SQE prepared on ``ring`` so far (by its engine or as raw ops): ``RingView.sqes``."""
+    with RingView(ring) as view:
+        return view.sqes()
 
 
 def stalled_pair(sndbuf=None):

@@ -32,15 +32,16 @@ PAGE = mmap.PAGESIZE
 
 def notifs_per_op(trace):
     """user_data -> number of NOTIF CQEs, for every zero-copy send that must get exactly one:
-    a result with F_MORE, or -ECANCELED (a link-cancelled SEND_ZC gets no F_MORE, yet a NOTIF)."""
+    a result with F_MORE, or -ECANCELED (a link-cancelled SEND_ZC gets no F_MORE, yet a NOTIF).
+    ``trace``: ``Ring.trace()``."""
     due = {}
-    for _, op, user_data, res, flags in trace:
-        if op is None or not op.zerocopy:
+    for e in trace:
+        if not e.zerocopy:
             continue
-        if flags & F_NOTIF:
-            due[user_data] = due.get(user_data, 0) + 1
-        elif flags & F_MORE or res == -errno.ECANCELED:
-            due.setdefault(user_data, 0)
+        if e.notif:
+            due[e.user_data] = due.get(e.user_data, 0) + 1
+        elif e.flags & F_MORE or e.res == -errno.ECANCELED:
+            due.setdefault(e.user_data, 0)
     return due
 
 
@@ -78,7 +79,9 @@ def test_file_truncated_under_a_chain_ends_short_with_exact_bytes(mode, cut, mak
                 assert t.wait(timeout=30) == cut
                 assert t.error is None and t.short and t.count == 8 * CHUNK
             assert t.sent == cut + zeros
-            broken = [r for _, op, _, r, _ in ring.ledger.trace if op is not None and r == -errno.ECANCELED]
+            # members of the chain cancelled by the break (not the FILES_UPDATE at its tail)
+            broken = [e.res for e in ring.trace()
+                      if e.role in ("fill", "send") and e.res == -errno.ECANCELED]
             if mode in ("splice", "zerocopy"):
                 assert broken, "the short fill did not break the chain"
             if mode == "splice":
@@ -148,9 +151,9 @@ def child_peer_reset(mode):
         offsets = [e.offset for e in t.events if e.kind == uringsend.RELEASED]
         out["released_twice"] = len(offsets) - len(set(offsets))
         out["peer_prefix_ok"] = bytes(got) == data[:len(got)]
-        out["notifs_per_op"] = sorted(set(notifs_per_op(ring.ledger.trace).values()))
+        out["notifs_per_op"] = sorted(set(notifs_per_op(ring.trace()).values()))
         out["stats"] = ring.statistics()
-        out["dirty_pipes"] = sum(p.pending() for p in ring.pipes._idle)
+        out["dirty_pipes"] = ring._core.idle_pipe_bytes()
     client.close()
     f.close()
     return out
@@ -346,46 +349,64 @@ def test_cancel_racing_completion_has_one_outcome_10k(make_file):
 def test_link_cancelled_send_zc_keeps_its_buffer_until_its_notif(make_file, tcp, monkeypatch):
     """READ_FIXED fails (the fd is write-only), so its linked SEND_ZC completes -ECANCELED
     without F_MORE, and a NOTIF follows anyway. The only buffer must stay out of the pool until
-    that NOTIF, and the next transfer may use it only then."""
+    that NOTIF, and the next transfer may use it only then.
+
+    The buffer pool lives in the engine, so it is looked at each time control comes back from
+    it (sendfile, every run). The header puts a send ahead of the READ_FIXED in the chain: the
+    READ_FIXED then fails from task work, and the cancelled SEND_ZC's result reaches the CQ one
+    task-work pass before its NOTIF, so that the engine hands control back between the two."""
     path, data = make_file(3 * CHUNK)
     client, peer = tcp
     rx = Receiver(peer)
     wronly = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    seen = []  # (CQEs in the trace, buffers free) each time the engine handed control back
     try:
         with small_ring(buffers=1, trace=True) as ring:
-            pool = ring._buffer_pool()
-            let_go_at = []  # (buffer index, trace length when it went back: the CQE being handled)
-            real_let_go = pool.let_go
-            monkeypatch.setattr(pool, "let_go", lambda i: (let_go_at.append((i, len(ring.ledger.trace))),
-                                                           real_let_go(i)))
-            broken = ring.sendfile(client, wronly, mode="zerocopy")
+            def look():
+                seen.append((len(ring.trace()), ring.statistics()["buffers_free"]))
+
+            real_run = ring._core.run
+
+            def run(*args):
+                try:
+                    return real_run(*args)
+                finally:
+                    look()
+            monkeypatch.setattr(ring._core, "run", run)
+            broken = ring.sendfile(client, wronly, mode="zerocopy", header=b"HEAD")
+            look()
             with pytest.raises(OSError) as info:
                 broken.wait(timeout=10)
             assert info.value.errno == errno.EBADF
             assert "read_fixed" in str(info.value)
+            looks_before_good = len(seen)
             good = ring.sendfile(client, path, mode="zerocopy")
+            look()
             assert good.wait_released(timeout=10) == len(data)
             ring.run_until_complete(timeout=10)
             assert_clean(ring)
             st = ring.statistics()
             assert st["buffers_total"] == 1
-            trace = ring.ledger.trace
+            trace = ring.trace()
     finally:
         os.close(wronly)
     client.close()
-    assert rx.join() == data
+    assert rx.join() == b"HEAD" + data
 
-    cancelled = [(i, ud) for i, (_, op, ud, res, flags) in enumerate(trace)
-                 if op is not None and op.owner.t is broken and op.zerocopy and not flags & F_NOTIF]
+    cancelled = [(i, e) for i, e in enumerate(trace) if e.transfer is broken and e.zerocopy and not e.notif]
     assert len(cancelled) == 1
-    at, user_data = cancelled[0]
-    _, _, _, res, flags = trace[at]
-    assert res == -errno.ECANCELED and not flags & F_MORE, "the kernel's rule 12 case did not happen"
-    notif = [i for i, (_, op, ud, _, flags) in enumerate(trace) if ud == user_data and flags & F_NOTIF]
+    at, send = cancelled[0]
+    assert send.res == -errno.ECANCELED and not send.flags & F_MORE, "the kernel's rule 12 case did not happen"
+    notif = [i for i, e in enumerate(trace) if e.user_data == send.user_data and e.notif]
     assert len(notif) == 1, "the link-cancelled SEND_ZC got no NOTIF (or several)"
-    # The buffer went back while its NOTIF was handled, not at the -ECANCELED result.
-    handled = [n - 1 for _, n in let_go_at]  # trace index of the CQE being handled at each let-go
-    assert at not in handled and notif[0] in handled, (at, notif, let_go_at)
+    # The buffer stayed out of the pool after the -ECANCELED result, until its NOTIF was handled,
+    # and went back then.
+    between = [free for n, free in seen if at < n <= notif[0]]
+    assert between, f"never looked between the result and the NOTIF: {seen}, {at}, {notif}"
+    assert between == [0] * len(between), (seen, at, notif)
+    after = [free for n, free in seen[:looks_before_good] if n > notif[0]]
+    assert after, f"never looked after the NOTIF before the next transfer: {seen}, {notif}"
+    assert after == [1] * len(after), (seen, at, notif)
     # The next transfer's first use of the buffer completed after that NOTIF.
-    good_cqes = [i for i, (_, op, *_) in enumerate(trace) if op is not None and op.owner.t is good]
-    assert min(good_cqes) > notif[0]
+    good_fills = [i for i, e in enumerate(trace) if e.transfer is good and e.op == "READ_FIXED"]
+    assert good_fills and min(good_fills) > notif[0]

@@ -21,27 +21,39 @@ import pytest
 import uringsend
 from uringsend import _lowlevel as ll
 from conftest import Receiver, tcp_pair, unix_pair
-from _semantics import (BACKLOG, ERESTARTSYS, F_MORE, Recorder, SyscallRing, cancel, in_thread, quiet,
-                        read_exactly, stalled_pair, submit, wait_for, wait_res, workers)
+from _semantics import (BACKLOG, ERESTARTSYS, F_MORE, Recorder, RingView, SyscallRing, cancel, in_thread,
+                        quiet, read_exactly, stalled_pair, submit, wait_for, wait_res, workers)
 
 LINK = ll.IOSQE_IO_LINK
 GETEVENTS = SyscallRing.ENTER_GETEVENTS
 
 
 # ---- rule 18: io_uring_queue_exit does not wait for NOTIFs ----------------------------------------
+def _raw_changes(core, want, timeout_ns=5_000_000_000):
+    """Run a bare engine (``ll.Core``) until ``want`` raw CQEs came: [(user_data, res, flags)]."""
+    got = []
+    while len(got) < want:
+        n = core.run(1, timeout_ns)
+        if not n:
+            break
+        got += [(ch.id, ch.res, ch.flags) for ch in (core.changes[i] for i in range(n)) if ch.what & ll.CH_RAW]
+    return got
+
+
 def test_queue_exit_returns_at_once_and_the_kernel_keeps_the_pages():
     n = BACKLOG
     buf = bytearray(b"\x01" * n)
     pin = ll.Pinned(buf)
     client, peer = stalled_pair()  # the peer reads nothing yet: the pages stay queued
-    raw = ll.RawRing(8, 0)
+    core = ll.Core(8, 0)
     try:
-        raw.prep([(1, pin.address, 0, 0, client.fileno(), 0, n, socket.MSG_NOSIGNAL, 0, 0, ll.OP_SEND_ZC, 0)])
-        raw.submit()
-        (user_data, sent, flags), = raw.reap(1, 5_000_000_000)
-        assert user_data == 1 and sent > 0 and flags == F_MORE
+        send = Recorder().op(ll.OP_SEND_ZC, client.fileno(), addr=pin.address, len=n,
+                             op_flags=socket.MSG_NOSIGNAL)
+        user_data, = core.raw_submit([send.fields(0)])
+        (got_ud, sent, flags), = _raw_changes(core, 1)
+        assert got_ud == user_data and sent > 0 and flags == F_MORE
         started = time.monotonic()
-        raw.close()  # its NOTIF has not arrived, and never will be reaped now
+        assert core.close() == 1  # io_uring_queue_exit with its NOTIF not arrived: it never will be reaped
         assert time.monotonic() - started < 0.5
         buf[:] = b"\x02" * n
         got = read_exactly(peer, sent)
@@ -49,7 +61,7 @@ def test_queue_exit_returns_at_once_and_the_kernel_keeps_the_pages():
         assert got == b"\x01" * early + b"\x02" * (sent - early)
         assert sent - early > 0  # written after the ring was gone, and still sent
     finally:
-        raw.close()
+        core.close()
         pin.unpin()
         client.close()
         peer.close()
@@ -64,25 +76,26 @@ def test_thread_exit_cancels_its_io_wq_splices():
     box = {}
 
     def submitter():
-        raw = box["raw"] = ll.RawRing(8, 0)
-        raw.set_iowq_max_workers(1, 1)
+        core = box["core"] = ll.Core(8, 0)
+        core.set_iowq_max_workers(1, 1)
         tid = threading.get_native_id()
-        raw.prep([(ud, 0, -1, -1, a.fileno(), r, 100, 0, 0, 0, ll.OP_SPLICE, 0) for ud in (1, 2)])
-        raw.submit()
+        rec = Recorder()
+        ops = [rec.op(ll.OP_SPLICE, a.fileno(), fd_in=r, off_in=-1, off=-1, len=100) for _ in range(2)]
+        box["user_data"] = core.raw_submit([op.fields(0) for op in ops])
         wait_for(lambda: workers(tid) == 1, what="an io-wq worker")
-        box["early"] = raw.reap(1, 300_000_000)
+        box["early"] = _raw_changes(core, 1, 300_000_000)
 
     try:
         in_thread(submitter)
-        raw = box["raw"]
+        core = box["core"]
         assert box["early"] == []  # both were pending while their thread lived
-        got = raw.reap(1, 5_000_000_000)
-        got += raw.reap(1, 5_000_000_000) if len(got) < 2 else []
+        got = _raw_changes(core, 2)
+        first, second = box["user_data"]
         # SEMANTICS.md says -ECANCELED: that is the queued one; the running one leaks -ERESTARTSYS.
-        assert sorted(got) == [(1, -ERESTARTSYS, 0), (2, -errno.ECANCELED, 0)]
+        assert sorted(got) == [(first, -ERESTARTSYS, 0), (second, -errno.ECANCELED, 0)]
     finally:
-        if "raw" in box:
-            box["raw"].close()
+        if "core" in box:
+            box["core"].close()
         os.close(r)
         os.close(w)
         a.close()
@@ -201,9 +214,10 @@ def test_ring_submit_runs_deferred_link_members():
     with uringsend.Ring(entries=8) as ring:
         assert "DEFER_TASKRUN" in ring.setup_flags
         chain = [rec.op(ll.OP_NOP), rec.op(ll.OP_NOP)]
-        submit(ring, chain)
-        # One submit-and-get-events ran the second member too: both CQEs are there without a wait.
-        ready = ring._raw.reap(0, 0)
-        assert sorted(ud for ud, _, _ in ready) == [op.user_data for op in chain]
-        ring._dispatch(ready)
-        assert [op.res for op in chain] == [0, 0] and len(ring.ledger) == 0
+        with RingView(ring) as view:
+            submit(ring, chain)
+            # One submit-and-get-events ran the second member too: both CQEs are in the CQ
+            # without a wait, before anything reaps or enters again.
+            visible = view.cq_visible()
+        assert sorted(ud for ud, _, _ in visible) == sorted(op.user_data for op in chain)
+        assert wait_res(ring, *chain, timeout=0.5) == [0, 0] and len(ring.ledger) == 0

@@ -24,8 +24,8 @@ import uringsend
 from uringsend import _lowlevel as ll
 from uringsend._uring import lib
 from conftest import Receiver, tcp_pair, unix_pair
-from _semantics import (ERESTARTSYS, Recorder, cancel, cqes, pipe_pending, quiet, submit, stalled_pair,
-                        submit_flagged, wait_res)
+from _semantics import (ERESTARTSYS, IOSQE_FIXED_FILE, Recorder, cancel, cqes, pipe_pending,
+                        prepared_sqes, quiet, submit, stalled_pair, submit_flagged, wait_res)
 
 LINK = ll.IOSQE_IO_LINK
 HARDLINK = lib.IOSQE_IO_HARDLINK
@@ -145,30 +145,28 @@ def test_send_with_waitall_breaks_the_link_only_when_cut_short():
         peer.close()
 
 
-def test_engines_send_with_waitall_and_never_hardlink(make_file, monkeypatch):
+def test_engines_send_with_waitall_and_never_hardlink(make_file):
+    """Every SQE the engine prepares, read back from the ring's SQE array: links are plain
+    IOSQE_IO_LINK (IOSQE_FIXED_FILE aside, for the registered socket and file), never
+    IOSQE_IO_HARDLINK, and every send asks for MSG_WAITALL."""
     path, data = make_file(300_000)
     for mode in ("splice", "zerocopy", "mmap", "copy"):
         client, peer = tcp_pair()
         rx = Receiver(peer)
-        prepared = []
         with uringsend.Ring(trace=True) as ring:
-            real_prep = ring._raw.prep
-
-            def prep(fields, real_prep=real_prep):
-                prepared.extend(fields)
-                return real_prep(fields)
-            monkeypatch.setattr(ring._raw, "prep", prep)
             t = ring.sendfile(client, path, mode=mode, header=b"HEAD")
             assert t.wait(10) == len(data)
             ring.run_until_complete(10)
-            ops = [op for _, op, *_ in ring.ledger.trace if op is not None]
+            prepared = prepared_sqes(ring)
+            completed = {e.user_data for e in ring.trace()}
         client.close()
         assert rx.join() == b"HEAD" + data
         peer.close()
-        assert {f[-1] for f in prepared} <= {0, LINK}, mode
-        sends = [op for op in ops if op.opcode in SEND_OPS]
+        assert completed and completed <= {f["user_data"] for f in prepared}, mode  # read back right
+        assert {f["flags"] & ~IOSQE_FIXED_FILE for f in prepared} <= {0, LINK}, mode
+        sends = [f for f in prepared if f["opcode"] in SEND_OPS]
         assert sends, mode
-        assert all(op.op_flags & socket.MSG_WAITALL for op in sends), mode
+        assert all(f["op_flags"] & socket.MSG_WAITALL for f in sends), mode
 
 
 # ---- rule 3: IOSQE_IO_HARDLINK ignores results --------------------------------------------------
@@ -238,37 +236,67 @@ def test_prep_failure_inside_a_chain_cancels_every_member():
         b.close()
 
 
+def _closed_fd():
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)
+    return r
+
+
 def test_raw_prep_takes_whole_chains_only():
+    """Raw ops are prepared whole chains at a time: 6 single ops leave 2 of 8 slots, so a 3-op
+    chain is not split; what was prepared is submitted first, and the chain whole in a second
+    submission. Whole, its head's failure cancels the rest (split at a submission boundary, the
+    members past it would run: rule 4)."""
     rec = Recorder()
-    with uringsend.Ring(entries=8) as ring:
-        ops = [rec.op(ll.OP_NOP) for _ in range(9)]
-        for op in ops:
-            ring.ledger.add(op)
-        assert ring._raw.prep([op.fields(0) for op in ops[:6]]) == 6
-        chain = [ops[6].fields(LINK), ops[7].fields(LINK), ops[8].fields(0)]
-        assert ring._raw.prep(chain) == 0  # 2 slots left: the 3-op chain waits, whole
-        ring._raw.submit()
-        wait_res(ring, *ops[:6])
-        assert all(op.res is None for op in ops[6:])
-        assert ring._raw.prep(chain) == 3
-        ring._raw.submit()
-        assert wait_res(ring, *ops) == [0] * 9
+    r, w = os.pipe()
+    try:
+        with uringsend.Ring(entries=8) as ring:
+            bad = _closed_fd()
+            for failing_head in (False, True):
+                ops = [rec.op(ll.OP_NOP) for _ in range(6)]
+                head = (rec.op(ll.OP_SPLICE, w, fd_in=bad, off_in=-1, off=-1, len=1) if failing_head
+                        else rec.op(ll.OP_NOP))
+                chain = [head, rec.op(ll.OP_NOP), rec.op(ll.OP_NOP)]
+                enters = ring.statistics()["enters"]
+                ring.ledger.submit(ops + chain, sqe_flags=[0] * 6 + [LINK, LINK, 0])
+                assert ring.statistics()["enters"] - enters == 2  # the 6 singles, then the chain
+                want = [-errno.EBADF, -errno.ECANCELED, -errno.ECANCELED] if failing_head else [0] * 3
+                assert wait_res(ring, *ops, *chain) == [0] * 6 + want
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def test_raw_prep_longer_than_the_sq_still_stops_at_a_chain_boundary():
+    """5 ops on a 4-entry SQ: the 2 singles go in a first submission, the 3-op chain whole in a
+    second. A single chain longer than the SQ is refused (EINVAL) with nothing of it prepared."""
     rec = Recorder()
-    with uringsend.Ring(entries=4) as ring:
-        ops = [rec.op(ll.OP_NOP) for _ in range(5)]
-        for op in ops:
-            ring.ledger.add(op)
-        fields = [ops[0].fields(0), ops[1].fields(0),
-                  ops[2].fields(LINK), ops[3].fields(LINK), ops[4].fields(0)]
-        n = ring._raw.prep(fields)
-        ring._raw.submit()
-        assert ring._raw.prep(fields[n:]) == len(fields) - n
-        ring._raw.submit()
-        assert wait_res(ring, *ops) == [0] * 5
-        assert n == 2
+    r, w = os.pipe()
+    try:
+        with uringsend.Ring(entries=4) as ring:
+            bad = _closed_fd()
+            for failing_head in (False, True):
+                ops = [rec.op(ll.OP_NOP) for _ in range(2)]
+                head = (rec.op(ll.OP_SPLICE, w, fd_in=bad, off_in=-1, off=-1, len=1) if failing_head
+                        else rec.op(ll.OP_NOP))
+                chain = [head, rec.op(ll.OP_NOP), rec.op(ll.OP_NOP)]
+                enters = ring.statistics()["enters"]
+                ring.ledger.submit(ops + chain, sqe_flags=[0, 0, LINK, LINK, 0])
+                assert ring.statistics()["enters"] - enters == 2  # n == 2: stopped at the chain
+                want = [-errno.EBADF, -errno.ECANCELED, -errno.ECANCELED] if failing_head else [0] * 3
+                assert wait_res(ring, *ops, *chain) == [0, 0] + want
+            too_long = [rec.op(ll.OP_NOP) for _ in range(5)]
+            with pytest.raises(ValueError):
+                ring.ledger.submit(too_long)
+            with pytest.raises(OSError) as exc:
+                ring._core.raw_submit([op.fields(LINK) for op in too_long[:-1]] + [too_long[-1].fields(0)])
+            assert exc.value.errno == errno.EINVAL
+            assert ring._core.busy() == 0 and len(ring.ledger) == 0  # nothing of it was prepared
+            assert ring.poll(0.05) == 0
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 # ---- (a): ASYNC_CANCEL finds only issued requests --------------------------------------------------

@@ -12,6 +12,7 @@ real kernel through the ledger that relies on them (it routes each NOTIF to its 
 16       test_send_zc_fixed_bad_index_or_range_is_efault (RLIMIT_MEMLOCK: tests/test_reliability_*.py)
 17       test_cqe_skip_success_on_send_zc_is_einval_without_notif
 """
+import ctypes
 import errno
 import os
 import socket
@@ -21,8 +22,8 @@ import pytest
 import uringsend
 from uringsend import _lowlevel as ll
 from conftest import Receiver, tcp_pair, unix_pair
-from _semantics import (BACKLOG, F_MORE, F_NOTIF, PAGE, Recorder, cancel, cqes, fill, quiet, read_exactly,
-                        reset, stalled_pair, submit, submit_flagged, wait_released, wait_res)
+from _semantics import (BACKLOG, F_MORE, F_NOTIF, PAGE, Recorder, cancel, cqes, fill, no_orphans, quiet,
+                        read_exactly, reset, stalled_pair, submit, submit_flagged, wait_released, wait_res)
 
 REPORT_USAGE = ll.IORING_SEND_ZC_REPORT_USAGE
 ZC_COPIED_S32 = -(1 << 31)  # IORING_NOTIF_USAGE_ZC_COPIED as the CQE's signed res
@@ -48,7 +49,7 @@ def test_send_zc_result_f_more_then_notif_same_user_data(tcp):
             wait_released(ring, rec, send)
             assert cqes(ring, send) == [(65536, F_MORE), (0, F_NOTIF)]
             assert rec.released == [(send, None)]  # no REPORT_USAGE: nothing said about copying
-            assert len(ring.ledger) == 0 and ring.ledger.orphans == 0
+            assert len(ring.ledger) == 0 and no_orphans(ring)
         client.shutdown(socket.SHUT_WR)
         assert rx.join() == payload
     finally:
@@ -92,7 +93,7 @@ def test_send_zc_error_still_gets_f_more_and_a_notif(case):
             wait_released(ring, rec, send)
             assert cqes(ring, send) == [(-getattr(errno, case), F_MORE), (0, F_NOTIF)]
             assert released_ops(rec) == [send]
-            assert len(ring.ledger) == 0 and ring.ledger.orphans == 0
+            assert len(ring.ledger) == 0 and no_orphans(ring)
     finally:
         pin.unpin()
         os.close(r)
@@ -111,9 +112,9 @@ def test_send_zc_on_unix_falls_back_to_copying_sends(mode, make_file):
             t = ring.sendfile(a, path, mode=mode)
             assert t.wait_released(10) == len(data)
             ring.run_until_complete(10)
-            results = [(op.name, res) for _, op, _, res, flags in ring.ledger.trace
-                       if op is not None and op.role == "send" and not flags & F_NOTIF]
-        zc = "SEND_ZC_FIXED" if mode == "zerocopy" else "SEND_ZC"
+            results = [(e.op, e.res) for e in ring.trace()
+                       if e.transfer is t and e.role == "send" and not e.notif]
+        zc = "SEND_ZC"  # from a registered buffer in mode 'zerocopy' (SEND_ZC_FIXED): named SEND_ZC
         assert results[0] == (zc, -errno.EOPNOTSUPP)
         first_copy = next(i for i, (name, _) in enumerate(results) if name == "SEND")
         assert results[1:first_copy] == [(zc, -errno.ECANCELED)] * (first_copy - 1)  # the rest of its chain
@@ -151,7 +152,7 @@ def test_link_cancelled_send_zc_has_no_f_more_yet_a_notif(tcp):
             wait_released(ring, rec, *sends)
             for send in sends:
                 assert cqes(ring, send) == [(-errno.ECANCELED, 0), (0, F_NOTIF)]
-            assert ring.ledger.orphans == 0 and len(ring.ledger) == 0
+            assert no_orphans(ring) and len(ring.ledger) == 0
     finally:
         pin.unpin()
         os.close(r)
@@ -263,12 +264,16 @@ def test_buffer_changed_before_the_notif_changes_what_the_peer_gets():
 
 
 # ---- rule 15: with REPORT_USAGE the NOTIF's res is a flag word ----------------------------------------
-def test_report_usage_notif_res_is_a_flag_word(tcp):
+def test_report_usage_notif_res_is_a_flag_word(tcp, make_file):
     client, peer = tcp
     payload = os.urandom(65536)
+    payload_file, _ = make_file(len(payload))
+    payload_file.write_bytes(payload)
     pin = ll.Pinned(payload)
     rec = Recorder()
     rx = Receiver(peer)
+    client2, peer2 = tcp_pair()
+    rx2 = Receiver(peer2)
     try:
         with uringsend.Ring(entries=8, trace=True) as ring:
             usage = rec.op(ll.OP_SEND_ZC, client.fileno(), addr=pin.address, len=len(payload),
@@ -287,11 +292,24 @@ def test_report_usage_notif_res_is_a_flag_word(tcp):
             submit(ring, [failed])
             wait_released(ring, rec, failed)
             assert cqes(ring, failed) == [(-errno.EPIPE, F_MORE), (ZC_COPIED_S32, F_NOTIF)]
-            # the kernel flags it, but the ledger counts only sends that moved bytes
-            assert ring.ledger.copied == 1 and ring.ledger.zerocopy == 0
+            # raw ops are the ledger's: the engine's copied/zerocopy counts are its transfers' only
+            assert ring.statistics()["copied"] == 0 and ring.statistics()["zerocopy"] == 0
+            # the kernel flags a failed send too, but the engine counts only sends that moved bytes
+            t = ring.sendfile(client2, payload_file, mode="mmap")
+            assert t.wait_released(10) == len(payload)
+            client2.shutdown(socket.SHUT_WR)
+            failed_t = ring.sendfile(client2, payload_file, mode="mmap")
+            ring.wait([failed_t], 10, released=True)
+            assert isinstance(failed_t.error, BrokenPipeError)
+            notifs = [(e.transfer, e.res) for e in ring.trace() if e.notif and e.transfer is not None]
+            assert notifs == [(t, ZC_COPIED_S32), (failed_t, ZC_COPIED_S32)]
+            assert ring.statistics()["copied"] == 1 and ring.statistics()["zerocopy"] == 0
         assert rx.join() == payload * 2
+        assert rx2.join() == payload
     finally:
         pin.unpin()
+        client2.close()
+        peer2.close()
 
 
 # ---- rule 16: a registered buffer out of range or a bad index is -EFAULT --------------------------------
@@ -300,13 +318,14 @@ def test_send_zc_fixed_bad_index_or_range_is_efault(tcp):
     rec = Recorder()
     rx = Receiver(peer)
     with uringsend.Ring(entries=8, buffers=2, buffer_size=PAGE, trace=True) as ring:
-        pool = ring._buffer_pool()
-        pool.view(1)[:100] = b"y" * 100
-        bad_index = rec.op(ll.OP_SEND_ZC_FIXED, client.fileno(), addr=pool.address(0), len=100, buf_index=5,
+        ring._buffer_pool()
+        address = ring._core.pool_address
+        ctypes.memmove(address(1), b"y" * 100, 100)
+        bad_index = rec.op(ll.OP_SEND_ZC_FIXED, client.fileno(), addr=address(0), len=100, buf_index=5,
                            op_flags=FLAGS)
-        past_end = rec.op(ll.OP_SEND_ZC_FIXED, client.fileno(), addr=pool.address(0) + PAGE - 10, len=100,
+        past_end = rec.op(ll.OP_SEND_ZC_FIXED, client.fileno(), addr=address(0) + PAGE - 10, len=100,
                           buf_index=0, op_flags=FLAGS)
-        good = rec.op(ll.OP_SEND_ZC_FIXED, client.fileno(), addr=pool.address(1), len=100, buf_index=1,
+        good = rec.op(ll.OP_SEND_ZC_FIXED, client.fileno(), addr=address(1), len=100, buf_index=1,
                       op_flags=FLAGS)
         submit(ring, [bad_index], [past_end], [good])
         wait_released(ring, rec, bad_index, past_end, good)
@@ -333,7 +352,7 @@ def test_cqe_skip_success_on_send_zc_is_einval_without_notif(tcp):
             wait_res(ring, nop)
             assert ring.poll(0.2) == 0  # nothing more comes: no NOTIF was allocated
             assert cqes(ring, send) == [(-errno.EINVAL, 0)]
-            assert rec.released == [] and ring.ledger.orphans == 0
+            assert rec.released == [] and no_orphans(ring)
         client.shutdown(socket.SHUT_WR)
         assert Receiver(peer).join() == b""
     finally:

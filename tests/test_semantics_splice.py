@@ -25,7 +25,6 @@ import pytest
 import uringsend
 from uringsend import TransferCancelled
 from uringsend import _lowlevel as ll
-from uringsend.pools import PipePool
 from conftest import Receiver, tcp_pair, unix_pair
 from _faults import drop_to_nobody, private_file, run_child
 from _semantics import (ERESTARTSYS, F_MORE, F_NOTIF, PAGE, SPLICE_F_NONBLOCK, Recorder, cancel, cqes, fill,
@@ -169,16 +168,15 @@ def test_splice_engine_rearms_with_poll_after_eagain(make_file):
     try:
         with uringsend.Ring(pipe_size=65536, trace=True) as ring:
             t = ring.sendfile(client, path, mode="splice")
-            trace = ring.ledger.trace
-            ring._drive(lambda: any(op is not None and op.role == "send" and res == -errno.EAGAIN
-                                    for _, op, _, res, _ in trace), 10)
+            ring._drive(lambda: any(e.role == "send" and e.res == -errno.EAGAIN for e in ring.trace()), 10)
             gate.set()
             assert t.wait(30) == len(data)
             ring.run_until_complete(10)
-        first_eagain = next(i for i, (_, op, _, res, _) in enumerate(trace)
-                            if op is not None and op.role == "send" and res == -errno.EAGAIN)
-        polls = [res for _, op, _, res, _ in trace[first_eagain:] if op is not None and op.role == "poll"]
-        assert polls and all(res & select.POLLOUT for res in polls)
+            trace = ring.trace()
+        first_eagain = next(i for i, e in enumerate(trace) if e.role == "send" and e.res == -errno.EAGAIN)
+        assert trace[first_eagain].op == "SPLICE"
+        polls = [e for e in trace[first_eagain:] if e.role == "poll"]
+        assert polls and all(e.op == "POLL_ADD" and e.res & select.POLLOUT for e in polls)
         client.close()
         assert rx.join() == data
     finally:
@@ -267,17 +265,21 @@ def test_splice_engine_counts_bytes_a_cancel_strands(make_file):
         filled = fill(a)
         with uringsend.Ring(pipe_size=65536, trace=True) as ring:
             t = ring.sendfile(a, path, mode="splice")
-            trace = ring.ledger.trace
-            ring._drive(lambda: any(op is not None and op.role == "fill" for _, op, *_ in trace), 10)
+            ring._drive(lambda: any(e.role == "fill" for e in ring.trace()), 10)
             quiet(ring, lambda: t.done)
             t.cancel()
             with pytest.raises(TransferCancelled):
                 t.wait(10)
             ring.run_until_complete(10)
-            results = [(op.role, res) for _, op, _, res, _ in trace if op is not None]
-            assert results == [("fill", 10_000), ("cancel", -errno.EALREADY), ("send", -ERESTARTSYS)]
+            results = [(e.role, e.res) for e in ring.trace()]
+            # Around the transfer's own ops: the FILES_UPDATE that installed its socket and file
+            # (2 slots), the one at its chain's tail, cancelled with the chain, and the one that
+            # emptied the slots once the transfer ended.
+            assert results == [("install", 2), ("fill", 10_000), ("cancel", -errno.EALREADY),
+                               ("send", -ERESTARTSYS), ("unslot", -errno.ECANCELED), ("unslot", 2)]
             assert t.sent == 0 and t.stranded == 10_000
-            assert [p.pending() for p in ring.pipes._idle] == [0]
+            # the pipe went back to the engine's pool, empty
+            assert ring.statistics()["pipes_idle"] == 1 and ring._core.idle_pipe_bytes() == 0
         a.shutdown(socket.SHUT_WR)
         assert Receiver(b).join() == b"f" * filled
     finally:
@@ -292,7 +294,7 @@ def _has_cap(bit):
     return bool(int(eff.split()[1], 16) >> bit & 1)
 
 
-def test_pipe_sizes_round_up_and_stop_at_pipe_max_size():
+def test_pipe_sizes_round_up_and_stop_at_pipe_max_size(make_file):
     with open("/proc/sys/fs/pipe-max-size") as f:
         max_size = int(f.read())
     r, w = os.pipe()
@@ -305,10 +307,25 @@ def test_pipe_sizes_round_up_and_stop_at_pipe_max_size():
             pytest.skip("CAP_SYS_RESOURCE may exceed pipe-max-size")
         with pytest.raises(PermissionError):
             fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, max_size + 1)
-        assert PipePool(4 * max_size).size == max_size
     finally:
         os.close(r)
         os.close(w)
+    # A ring asked for bigger pipes gets pipe-max-size ones (not the 64 KiB a refused size leaves):
+    # a fill from offset 0 asks for exactly what the engine's pipe holds.
+    path, data = make_file(max_size + PAGE)
+    a, b = unix_pair()
+    rx = Receiver(b)
+    try:
+        with uringsend.Ring(pipe_size=4 * max_size, trace=True) as ring:
+            t = ring.sendfile(a, path, mode="splice")
+            assert t.wait(10) == len(data)
+            ring.run_until_complete(10)
+            assert next(e.len for e in ring.trace() if e.role == "fill") == max_size
+        a.close()
+        assert rx.join() == data
+    finally:
+        a.close()
+        b.close()
 
 
 def child_pipes_past_the_soft_limit():
@@ -331,12 +348,13 @@ def child_pipes_past_the_soft_limit():
         except OSError as exc:
             out["grow_new"] = errno.errorcode[exc.errno]
         a, b = unix_pair()
-        with uringsend.Ring(pipe_size=1 << 20) as ring:
+        with uringsend.Ring(pipe_size=1 << 20, trace=True) as ring:
             rx = Receiver(b)
             t = ring.sendfile(a, f, mode="splice")
             out["sent"] = t.wait(30)
             ring.run_until_complete(10)
-            out["capacity"] = ring.pipes._idle[0].capacity
+            # the engine's pipe: a fill from offset 0 asks for exactly what the pipe holds
+            out["capacity"] = next(e.len for e in ring.trace() if e.role == "fill")
         a.close()
         out["delivered"] = rx.join() == data
         b.close()
@@ -412,13 +430,14 @@ def test_splice_engine_never_asks_more_than_the_pipe_holds(make_file, tcp):
         t = ring.sendfile(client, path, 100, mode="splice")
         assert t.wait(10) == len(data) - 100
         ring.run_until_complete(10)
-        trace = ring.ledger.trace
-    fills = [(op, res) for _, op, _, res, _ in trace if op is not None and op.role == "fill"]
-    assert all(op.len <= 16384 and res == op.len for op, res in fills)
-    assert all((op.offset + op.len) % PAGE == 0 for op, _ in fills[:-1])
-    assert fills[0][0].len == 16384 - 100
-    assert sum(res for _, res in fills) == len(data) - 100
-    assert not [res for _, op, _, res, _ in trace if op is not None and res < 0]
+        trace = ring.trace()
+    fills = [e for e in trace if e.role == "fill"]
+    assert all(e.op == "SPLICE" and e.len <= 16384 and e.res == e.len for e in fills)
+    ends = [100 + sum(e.len for e in fills[:i + 1]) for i in range(len(fills))]  # each fill is whole
+    assert all(end % PAGE == 0 for end in ends[:-1])
+    assert fills[0].len == 16384 - 100
+    assert sum(e.res for e in fills) == len(data) - 100
+    assert not [e.res for e in trace if e.res < 0]
     assert t.stranded == 0
     client.shutdown(socket.SHUT_WR)
     assert rx.join() == data[100:]

@@ -145,36 +145,63 @@ def _settle(t, link, timeout):
 
 
 # ---- notify ------------------------------------------------------------------------------------
-def _cqe_row(entry, start_ns):
-    t_ns, op, user_data, res, flags = entry
-    row = {"t_us": _us(t_ns, start_ns), "op": op.name if op else "?", "role": op.role if op else None,
-           "user_data": user_data, "res": res, "flags": flags,
-           "flags_decoded": [n for n, bit in (("MORE", _F_MORE), ("NOTIF", _F_NOTIF)) if flags & bit],
-           "offset": op.offset if op else None, "len": op.len if op else None, "copied": None}
-    if op is None:
+def _timeline(ring, t):
+    """One row per CQE the ring handled (``Ring.trace()``), for a ring that ran transfer ``t``.
+
+    The trace names each CQE's op and role but not the file offset of its chunk; that comes from
+    the transfer's timeline, which records one event per send that moved bytes, in the order the
+    CQEs were handled: a send's offset is its event's, a fill's is that of the send linked right
+    behind it, a notification's is its send's."""
+    trace = ring.trace()
+    body = iter([e for e in t.events if e.offset is not None and e.kind in (SENT, QUEUED)])
+    offset = {}  # user_data -> file offset of the chunk
+    for i, e in enumerate(trace):
+        if e.transfer is t and e.role == "send" and not e.notif and e.res > 0:
+            ev = next(body, None)
+            if ev is None:
+                break
+            offset[e.user_data] = ev.offset
+            prev = trace[i - 1] if i else None
+            if prev is not None and prev.transfer is t and prev.role == "fill" and prev.res == ev.nbytes:
+                offset[prev.user_data] = ev.offset
+    return [_cqe_row(e, offset.get(e.user_data), t.started_ns) for e in trace]
+
+
+def _cqe_row(e, offset, start_ns):
+    """``e``: a ``TraceEntry``; ``offset``: its chunk's file offset, when known."""
+    row = {"t_us": _us(e.t_ns, start_ns), "op": e.op, "role": e.role, "user_data": e.user_data,
+           "res": e.res, "flags": e.flags,
+           "flags_decoded": [n for n, bit in (("MORE", _F_MORE), ("NOTIF", _F_NOTIF)) if e.flags & bit],
+           "offset": offset, "len": e.len, "copied": None}
+    if e.role == "none":
         row["note"] = "no operation has this user_data"
-    elif flags & _F_NOTIF:
-        if op.zc_flags & _REPORT_USAGE:
-            row["copied"] = bool(res & _ZC_COPIED)  # a flag word, not an errno
+    elif e.notif:
+        if e.role != "raw":  # the engine asks every SEND_ZC for IORING_SEND_ZC_REPORT_USAGE
+            row["copied"] = bool(e.res & _ZC_COPIED)  # a flag word, not an errno
             row["note"] = "released: copied" if row["copied"] else "released: zero-copy"
         else:
             row["note"] = "released"
-    elif res < 0:
-        row["note"] = f"error: {os.strerror(-res)}"
-    elif op.role == "fill":
-        row["note"] = "file -> pipe" if op.name == "SPLICE" else "file -> buffer"
-    elif op.role == "tee":
-        row["note"] = "pipe -> pipe: page references duplicated"
-    elif op.role in ("send", "header"):
-        what = "header" if op.role == "header" else "pipe -> socket" if op.name == "SPLICE" else "sent"
-        if op.name == "SPLICE":
+    elif e.res < 0:
+        row["note"] = f"error: {os.strerror(-e.res)}"
+    elif e.role == "install":
+        row["note"] = ("socket and file put in the ring's registered file table" if e.res == 2
+                       else "socket put in the ring's registered file table")
+    elif e.role == "unslot":
+        row["note"] = "registered file slots emptied: the transfer holds the socket no more"
+    elif e.role == "poll":
+        row["note"] = "socket writable again"
+    elif e.role == "fill":
+        row["note"] = "file -> pipe" if e.op == "SPLICE" else "file -> buffer"
+    elif e.role in ("send", "header"):
+        what = "header" if e.role == "header" else "pipe -> socket" if e.op == "SPLICE" else "sent"
+        if e.op == "SPLICE":
             row["note"] = f"{what}: queued by reference, no release will follow"
-        elif flags & _F_MORE:
+        elif e.flags & _F_MORE:
             row["note"] = f"{what}, notification to follow"
         else:
             row["note"] = f"{what} and released (copied into the socket)"
     else:
-        row["note"] = op.role or ""
+        row["note"] = e.role or ""
     return row
 
 
@@ -193,8 +220,7 @@ def notify(mode="mmap", size=4 << 20, slow_reader=False, timeout=30.0, progress=
         with Ring(trace=True, chunk_size=NOTIFY_CHUNK, copy_chunk_size=NOTIFY_CHUNK) as ring:
             t = ring.sendfile(link.client, path, mode=mode, on_release=on_release)
             got = _settle(t, link, timeout)
-            trace = list(ring.ledger.trace)
-    timeline = [_cqe_row(entry, t.started_ns) for entry in trace]
+            timeline = _timeline(ring, t)
     sent_at, released_at = {}, {}
     for e in t.events:
         if e.offset is None:
@@ -332,7 +358,7 @@ def header(mode="mmap", size=1 << 20, timeout=30.0):
         with Ring(trace=True) as ring:
             t = ring.sendfile(link.client, path, mode=mode, header=head)
             got = _settle(t, link, timeout)
-            trace = list(ring.ledger.trace)
+            timeline = _timeline(ring, t)
     events = _event_rows(t)
     header_events = [e for e in events if e["offset"] is None]
     body_sent = [e["t_us"] for e in events if e["offset"] is not None and e["kind"] in (SENT, QUEUED)]
@@ -346,7 +372,7 @@ def header(mode="mmap", size=1 << 20, timeout=30.0):
     return _finish({"demo": "header", "mode": t.mode, "size": size, "header": head.decode(),
                     "header_len": len(head), "peer_bytes": len(got),
                     "peer_first_recv": link.reader.first_recv, "events": events, "header_events": header_events,
-                    "timeline": [_cqe_row(e, t.started_ns) for e in trace], "checks": checks})
+                    "timeline": timeline, "checks": checks})
 
 
 # ---- tee ---------------------------------------------------------------------------------------
@@ -362,14 +388,14 @@ def tee(sockets=3, size=1 << 20, timeout=30.0):
                 link.client.shutdown(socket.SHUT_WR)
             got = [link.reader.join(timeout) for link in links]
             ring.run_until_complete(timeout)
-            trace = list(ring.ledger.trace)
+            trace = ring.trace()
     ops = {}
     paths = {"fill": "file -> pipe", "tee": "pipe -> pipe", "send": "pipe -> socket"}
-    for _, op, _, res, _ in trace:
-        if op is not None and res > 0:
-            key = f"{op.name} {paths.get(op.role, op.role)}"
+    for e in trace:
+        if e.role in paths and e.res > 0:
+            key = f"{e.op} {paths[e.role]}"
             count, nbytes = ops.get(key, (0, 0))
-            ops[key] = (count + 1, nbytes + res)
+            ops[key] = (count + 1, nbytes + e.res)
     peers = [{"socket": i, "bytes": len(g), "identical": g == data, "mode": t.mode, "sent": t.sent,
               "events": len(t.events), "kinds": sorted({e.kind for e in t.events})}
              for i, (g, t) in enumerate(zip(got, transfers))]
