@@ -293,7 +293,7 @@ def test_cancelling_the_awaiting_task_cancels_the_transfer(mode, make_file):
                 if handle.mode != "splice":  # splice reports no release; it settles when done
                     with pytest.raises(uringsend.TransferCancelled):
                         await handle.released()
-                return handle.transfer, held, aring.statistics(), got, aring.ring.ledger.trace
+                return handle.transfer, held, aring.statistics(), got, aring.ring.trace()
 
     t, held, stats, got, trace = run(main())
     assert t.done and t.settled and t.sent < len(data)
@@ -302,8 +302,8 @@ def test_cancelling_the_awaiting_task_cancels_the_transfer(mode, make_file):
         assert held["pending_notifs"] > 0
         if t.mode == "zerocopy":
             assert held["buffers_free"] < held["buffers_total"]
-        zc = {ud for _, op, ud, _, flags in trace if op is not None and op.zerocopy and flags & ll.IORING_CQE_F_MORE}
-        notified = {ud for _, op, ud, _, flags in trace if flags & ll.IORING_CQE_F_NOTIF}
+        zc = {e.user_data for e in trace if e.zerocopy and e.flags & ll.IORING_CQE_F_MORE}
+        notified = {e.user_data for e in trace if e.notif}
         assert zc and zc <= notified
     assert stats["pending_notifs"] == 0 and stats["pending_ops"] == 0
     assert stats["buffers_free"] == stats["buffers_total"]

@@ -9,6 +9,7 @@ import pytest
 import uringsend
 from uringsend import _lowlevel as ll
 from uringsend.ledger import Op
+from uringsend._uring import ffi
 from conftest import Receiver, tcp_pair
 
 
@@ -28,8 +29,7 @@ class Recorder:
 
 def submit(ring, *chains):
     for chain in chains:
-        ring._submit_chain(chain)
-    ring._flush()
+        ring.ledger.submit(chain)
 
 
 def drive(ring, until, timeout=10):
@@ -42,7 +42,7 @@ def test_nop_round_trip():
         submit(ring, [Op(rec, ll.OP_NOP, -1)])
         drive(ring, lambda: rec.results)
         (op, res), = rec.results
-        assert res == 0 and op.user_data == 1
+        assert res == 0 and op.user_data != 0
         assert len(ring.ledger) == 0
 
 
@@ -88,9 +88,10 @@ def test_linked_chain_head_failure_cancels_tail():
         os.close(w)
 
 
-def test_full_sq_queues_whole_chains_and_never_splits_them():
+def test_full_sq_submits_whole_chains_and_never_splits_them():
     """Chains of 3 on a 4-entry SQ: if a chain were split, its tail would run (res 0) instead of
-    being cancelled by the failing head."""
+    being cancelled by the failing head. A chain that does not fit what is left of the SQ makes
+    the engine submit what is prepared first."""
     rec = Recorder()
     r, w = os.pipe()
     try:
@@ -101,9 +102,7 @@ def test_full_sq_queues_whole_chains_and_never_splits_them():
             chains = [[Op(rec, ll.OP_SPLICE, w, fd_in=bad, off_in=-1, off=-1, len=1),
                        Op(rec, ll.OP_NOP, -1), Op(rec, ll.OP_NOP, -1)] for _ in range(20)]
             for chain in chains:
-                ring._submit_chain(chain)
-            assert ring.statistics()["queued_chains"] == 20
-            ring._flush()
+                ring.ledger.submit(chain)
             drive(ring, lambda: len(rec.results) == 60)
         by_chain = {}
         for op, res in rec.results:
@@ -121,11 +120,11 @@ def test_cq_overflow_every_cqe_is_reaped():
     with uringsend.Ring(entries=64, cq_entries=128) as ring:
         assert ring.cq_entries == 128
         # 600 NOPs submitted before any reaping: the CQ overflows (IORING_SQ_CQ_OVERFLOW).
-        for _ in range(600):
-            ring._submit_chain([Op(rec, ll.OP_NOP, -1)])
-        ring._flush()
+        ops = [Op(rec, ll.OP_NOP, -1) for _ in range(600)]
+        ring.ledger.submit(ops, sqe_flags=[0] * len(ops))
         drive(ring, lambda: len(rec.results) == 600)
-        assert sorted(op.user_data for op, _ in rec.results) == list(range(1, 601))
+        assert sorted(op.user_data for op, _ in rec.results) == sorted(op.user_data for op in ops)
+        assert len({op.user_data for op in ops}) == 600
         assert all(res == 0 for _, res in rec.results)
 
 
@@ -144,8 +143,9 @@ def test_close_with_notification_pending_keeps_memory_alive(make_file):
     assert any(issubclass(w.category, ResourceWarning) for w in caught)
     stats = ring.statistics()
     assert stats["kept_alive"] > 0
-    mapping = next(op.owner.map for op in uringsend.ring._kept_alive[-1][0] if op.role == "send")
-    assert mapping is not None and mapping.address  # still mapped: the kernel may read it
+    core = uringsend.ring._kept_alive[-1][0]
+    assert core.kept and core.ptr != ffi.NULL  # the engine's memory is never freed
+    assert core.mappings_busy() == 1  # still mapped: the kernel may read it
     # Close the peer with RST so the kernel drops its references, then our sockets.
     peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     peer.close()
@@ -195,8 +195,36 @@ def test_unknown_opcode_prepares_nothing():
     rec = Recorder()
     with uringsend.Ring(entries=8) as ring:
         with pytest.raises(OSError) as exc:
-            ring._raw.prep([(1, 0, 0, 0, -1, 0, 0, 0, 0, 0, 200, 0)])
+            ring._core.raw_submit([{"opcode": 200}])
         assert exc.value.errno == errno.EINVAL
+        assert ring.statistics()["pending_ops"] == 0
         submit(ring, [Op(rec, ll.OP_NOP, -1)])
         drive(ring, lambda: rec.results)
         assert rec.results[0][1] == 0
+
+
+def test_a_batch_interrupted_before_its_dispatch_is_handed_out_again():
+    """A signal handler may raise right after the engine returned a batch and before it was
+    handled (the handler of a signal that interrupted the wait runs there): the batch must come
+    out again on the next run, so no completion is lost."""
+    rec = Recorder()
+    with uringsend.Ring(entries=8) as ring:
+        core = ring._core
+        real_run = core.run
+        raised = []
+
+        def run_then_raise(wait_nr, timeout_ns):
+            n = real_run(wait_nr, timeout_ns)
+            if n and not raised:
+                raised.append(n)
+                raise KeyboardInterrupt
+            return n
+
+        core.run = run_then_raise
+        op = Op(rec, ll.OP_NOP, -1)
+        submit(ring, [op])
+        with pytest.raises(KeyboardInterrupt):
+            drive(ring, lambda: rec.results)
+        assert raised and not rec.results  # the batch with the NOP's CQE was not handled
+        drive(ring, lambda: rec.results)
+        assert rec.results == [(op, 0)] and len(ring.ledger) == 0

@@ -37,6 +37,7 @@ def _raw_changes(core, want, timeout_ns=5_000_000_000):
         if not n:
             break
         got += [(ch.id, ch.res, ch.flags) for ch in (core.changes[i] for i in range(n)) if ch.what & ll.CH_RAW]
+        core.acked = True  # handled: the next run must not hand these out again
     return got
 
 

@@ -318,6 +318,62 @@ def test_tee_to_many_sockets(make_file):
             p.close()
 
 
+def test_tee_cancelling_one_socket_leaves_the_others_whole(make_file):
+    """A cancelled destination drops out alone: it ends with TransferCancelled and its peer has
+    exactly ``sent`` bytes of the file; the other sockets get the whole file."""
+    path, data = make_file(16 << 20)
+    pairs = [tcp_pair() for _ in range(3)]
+    gate = threading.Event()
+    rx = [Receiver(p, gate=gate if i == 1 else None) for i, (_, p) in enumerate(pairs)]
+    try:
+        with uringsend.Ring() as ring:
+            ts = ring.tee(path, [c for c, _ in pairs])
+            ring.poll(0.01)
+            ts[1].cancel()
+            ring.wait(ts, 30)
+            gate.set()
+            with pytest.raises(uringsend.TransferCancelled):
+                ts[1].wait(0)
+            assert ts[1].sent < len(data)
+            assert [ts[0].wait(0), ts[2].wait(0)] == [len(data)] * 2
+            ring.run_until_complete(10)
+            assert ring.statistics()["transfers_active"] == 0
+        for i, (c, _) in enumerate(pairs):
+            c.shutdown(socket.SHUT_WR)
+        got = [r.join() for r in rx]
+        assert got[0] == got[2] == data
+        assert got[1] == data[:ts[1].sent]
+    finally:
+        for c, p in pairs:
+            c.close()
+            p.close()
+
+
+def test_tee_count_and_a_file_that_ends_early(make_file):
+    """count past the end: every socket gets the file to its end, exactly, and the transfers
+    are short; the caller's fds can be closed right after tee() returns."""
+    path, data = make_file(1_000_003)
+    pairs = [tcp_pair() for _ in range(2)]
+    rx = [Receiver(p) for _, p in pairs]
+    try:
+        with uringsend.Ring() as ring:
+            fd = os.open(path, os.O_RDONLY)
+            ts = ring.tee(fd, [c.fileno() for c, _ in pairs], offset=3, count=10 << 20)
+            os.close(fd)
+            ring.wait(ts, 30)
+            assert [t.sent for t in ts] == [len(data) - 3] * 2
+            assert all(t.short and t.count == 10 << 20 for t in ts)
+            assert all(e.kind == "queued" for t in ts for e in t.events)
+            ring.run_until_complete(10)
+        for c, _ in pairs:
+            c.shutdown(socket.SHUT_WR)
+        assert [r.join() for r in rx] == [data[3:]] * 2
+    finally:
+        for c, p in pairs:
+            c.close()
+            p.close()
+
+
 def test_tee_survives_one_peer_resetting(make_file):
     path, data = make_file(8 << 20)
     pairs = [tcp_pair() for _ in range(3)]
@@ -373,7 +429,7 @@ def test_non_blocking_socket_that_fills(mode, make_file):
         rx = Receiver(peer, gate=gate)
         t = ring.sendfile(client, path, mode=mode)
         if mode == "splice":  # the peer is not reading: the socket must fill and say -EAGAIN
-            ring._drive(lambda: any(r == -errno.EAGAIN for _, _, _, r, _ in ring.ledger.trace), 10)
+            ring._drive(lambda: any(e.res == -errno.EAGAIN for e in ring.trace()), 10)
         else:
             ring.poll(0.05)
         gate.set()
@@ -382,8 +438,8 @@ def test_non_blocking_socket_that_fills(mode, make_file):
         client.shutdown(socket.SHUT_WR)
         assert rx.join() == data
         if mode == "splice":
-            eagain = [r for _, op, _, r, _ in ring.ledger.trace if op is not None and r == -errno.EAGAIN]
-            polls = [op for _, op, _, _, _ in ring.ledger.trace if op is not None and op.role == "poll"]
+            eagain = [e for e in ring.trace() if e.transfer is t and e.res == -errno.EAGAIN]
+            polls = [e for e in ring.trace() if e.transfer is t and e.role == "poll"]
             assert eagain and polls, "expected -EAGAIN splices re-armed by POLL_ADD"
 
 

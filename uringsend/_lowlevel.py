@@ -1,10 +1,10 @@
 """The only module that touches cffi's ``lib``/``ffi``: validate -> call -> check.
 
-Everything above this module sees plain Python ints, tuples and exceptions.
+``Core`` wraps the C engine (_core.c): one io_uring and the transfers it drives. Everything above
+this module sees Python ints, tuples, exceptions and the ``struct us_xfer`` views it hands out.
 """
 import mmap
 import os
-import struct
 
 from ._uring import ffi, lib
 
@@ -13,18 +13,30 @@ IORING_CQE_F_NOTIF = lib.IORING_CQE_F_NOTIF
 IORING_SEND_ZC_REPORT_USAGE = lib.IORING_SEND_ZC_REPORT_USAGE
 IORING_NOTIF_USAGE_ZC_COPIED = lib.IORING_NOTIF_USAGE_ZC_COPIED
 IOSQE_IO_LINK = lib.IOSQE_IO_LINK
+IOSQE_IO_HARDLINK = lib.IOSQE_IO_HARDLINK
 IOSQE_CQE_SKIP_SUCCESS = lib.IOSQE_CQE_SKIP_SUCCESS
 
 OP_NOP = lib.IORING_OP_NOP
 OP_READ_FIXED = lib.IORING_OP_READ_FIXED
 OP_POLL_ADD = lib.IORING_OP_POLL_ADD
 OP_ASYNC_CANCEL = lib.IORING_OP_ASYNC_CANCEL
+OP_FILES_UPDATE = lib.IORING_OP_FILES_UPDATE
 OP_READ = lib.IORING_OP_READ
 OP_SEND = lib.IORING_OP_SEND
 OP_SPLICE = lib.IORING_OP_SPLICE
 OP_TEE = lib.IORING_OP_TEE
 OP_SEND_ZC = lib.IORING_OP_SEND_ZC
 OP_SEND_ZC_FIXED = lib.US_OP_SEND_ZC_FIXED  # SEND_ZC with IORING_RECVSEND_FIXED_BUF
+OP_DUP = lib.US_OP_DUP
+
+MODE_CODES = {"splice": lib.US_MODE_SPLICE, "zerocopy": lib.US_MODE_ZEROCOPY,
+              "mmap": lib.US_MODE_MMAP, "copy": lib.US_MODE_COPY}
+MODE_NAMES = {code: name for name, code in MODE_CODES.items()}
+SENT, RELEASED, QUEUED = lib.US_SENT, lib.US_RELEASED, lib.US_QUEUED
+ERR_OP, ERR_CANCELLED, ERR_TRUNCATED = lib.US_ERR_OP, lib.US_ERR_CANCELLED, lib.US_ERR_TRUNCATED
+ERR_MEMLOCK, ERR_STALL = lib.US_ERR_MEMLOCK, lib.US_ERR_STALL
+FALLBACK_NO_SEND_ZC = lib.US_FALLBACK_NO_SEND_ZC
+CH_DONE, CH_SETTLED, CH_RELEASED, CH_RAW = lib.US_CH_DONE, lib.US_CH_SETTLED, lib.US_CH_RELEASED, lib.US_CH_RAW
 
 SETUP_FLAGS = {
     "SUBMIT_ALL": lib.IORING_SETUP_SUBMIT_ALL,
@@ -46,19 +58,23 @@ OPCODE_NAMES = (
     "RECV_ZC", "EPOLL_WAIT", "READV_FIXED", "WRITEV_FIXED", "PIPE",
 )
 PAGE = mmap.PAGESIZE
-_OUR_NAMES = {OP_SEND_ZC_FIXED: "SEND_ZC_FIXED"}
+_OUR_NAMES = {OP_SEND_ZC_FIXED: "SEND_ZC_FIXED", OP_DUP: "DUP"}
+# Roles of the engine's ops in a trace (enum role in _core.c).
+ROLES = ("none", "install", "unslot", "poll", "header", "fill", "send", "cancel", "raw", "tee")
+# The per-transfer fast path, called by Ring directly: us_start(core, mode, sock_fd, file_fd,
+# offset, count or -1, header, header length, notify) -> struct us_xfer * or NULL (see
+# Core.start_error); the result is owned through ffi.gc(x, xfer_put).
+xfer_start = lib.us_start
+NULL = ffi.NULL
+gc = ffi.gc
+xfer_put = lib.us_xfer_put
+START_FSTAT, START_DIR, START_NOT_REGULAR = lib.US_START_FSTAT, lib.US_START_DIR, lib.US_START_NOT_REGULAR
+START_OFFSET, START_NO_POOL = lib.US_START_OFFSET, lib.US_START_NO_POOL
+STATS = [name for name, _ in ffi.typeof("struct us_stats").fields]
 
 
 def opcode_name(opcode):
     return _OUR_NAMES.get(opcode) or (OPCODE_NAMES[opcode] if opcode < len(OPCODE_NAMES) else str(opcode))
-
-
-# struct us_op, packed from Python in one call per SQE; the layout is checked against the C one.
-_OP = struct.Struct("=QQqqiiIIHHBB")
-_OP_SIZE = ffi.sizeof("struct us_op")
-assert _OP.size <= _OP_SIZE
-_CQE = struct.Struct("=QiI")
-assert _CQE.size == ffi.sizeof("struct us_cqe")
 
 
 def _check(ret, what):
@@ -77,94 +93,134 @@ def probe_opcodes():
 
 def try_setup(entries, flags, cq_entries=0):
     """Set up and immediately tear down a ring: 0 or -errno."""
-    ring = ffi.new("struct io_uring *")
-    ret = lib.us_queue_init(entries, ring, flags, cq_entries)
-    if ret == 0:
-        lib.io_uring_queue_exit(ring)
-    return ret
+    return lib.us_try_setup(entries, flags)
 
 
-class RawRing:
-    """One ``struct io_uring``: prepare packed SQE batches, submit, reap CQE batches."""
+class Core:
+    """One ``struct us_core``. Methods are called only from the thread that created it (the
+    Ring checks); ``xfer_put`` may run on any thread (the reference count is atomic)."""
 
-    def __init__(self, entries, flags, cq_entries=0, reap_batch=256):
-        self._ring = ffi.new("struct io_uring *")
-        ret = lib.us_queue_init(entries, self._ring, flags, cq_entries)
-        if ret < 0:
-            self._ring = None
-            raise OSError(-ret, f"io_uring_setup(entries={entries}, flags={flags:#x}): {os.strerror(-ret)}")
+    def __init__(self, entries, flags, cq_entries=0, file_slots=0):
+        err = ffi.new("int *")
+        core = lib.us_core_new(entries, flags, cq_entries, file_slots, err)
+        if core == ffi.NULL:
+            raise OSError(-err[0], f"io_uring_setup(entries={entries}, flags={flags:#x}): "
+                          f"{os.strerror(-err[0])}")
+        self.ptr = core
+        self.pid = os.getpid()
         self.flags = flags
-        self.sq_entries = lib.us_sq_entries(self._ring)
-        self.cq_entries = lib.us_cq_entries(self._ring)
-        self.fd = lib.us_ring_fd(self._ring)
-        self._ops = ffi.new("struct us_op[]", self.sq_entries)
-        self._ops_buf = ffi.buffer(self._ops)
-        self._cqes = ffi.new("struct us_cqe[]", reap_batch)
-        self._cqes_buf = ffi.buffer(self._cqes)
-        self._reap_batch = reap_batch
-        self._iovecs = None
+        self.sq_entries = lib.us_core_sq_entries(core)
+        self.cq_entries = lib.us_core_cq_entries(core)
+        self.fd = lib.us_core_fd(core)
+        self.stats = lib.us_core_stats(core)
+        self.changes = lib.us_core_changes(core)
+        self.closed = False
+        self.kept = False
+        self.acked = True
 
-    @property
-    def closed(self):
-        return self._ring is None
+    def configure(self, chunk_size, copy_chunk_size, zc_budget, pipe_size, max_idle_pipes, keep_maps,
+                  large_map):
+        lib.us_core_configure(self.ptr, chunk_size, copy_chunk_size, zc_budget, pipe_size, max_idle_pipes,
+                              keep_maps, large_map)
 
-    def sq_space(self):
-        return lib.io_uring_sq_space_left(self._ring)
+    def set_trace(self, on):
+        _check(lib.us_core_set_trace(self.ptr, 1 if on else 0), "trace buffer")
 
-    def prep(self, ops):
-        """Prepare whole chains from ``ops`` (tuples in us_op field order) while they fit.
-
-        Returns how many ops were prepared; always a chain boundary.
-        """
-        n = len(ops)
-        if n > self.sq_entries:  # cut at the last chain boundary that fits, never inside a chain
-            n = self.sq_entries
-            while n and ops[n - 1][11] & IOSQE_IO_LINK:
-                n -= 1
-        buf = self._ops_buf
-        pack = _OP.pack_into
-        for i in range(n):
-            pack(buf, i * _OP_SIZE, *ops[i])
-        return _check(lib.us_prep(self._ring, self._ops, n), "prepare SQEs")
-
-    def submit(self):
-        # GETEVENTS too: with DEFER_TASKRUN, the next member of a link is issued from task work
-        # that runs only when we enter with GETEVENTS; a plain submit would leave it parked.
-        return _check(lib.io_uring_submit_and_get_events(self._ring), "io_uring_enter(submit)")
-
-    def reap(self, wait_nr=0, timeout_ns=-1):
-        """Up to one batch of CQEs as (user_data, res, flags); [] on timeout.
-
-        Raises InterruptedError on a signal, so the caller's signal handlers run.
-        """
-        n = lib.us_reap(self._ring, self._cqes, self._reap_batch, wait_nr, timeout_ns)
-        if n < 0:
-            _check(n, "io_uring_enter(GETEVENTS)")
-        if n == 0:
-            return []
-        return list(_CQE.iter_unpack(self._cqes_buf[: n * _CQE.size]))
-
-    def register_buffers(self, regions):
-        """Register [(address, length)] as fixed buffers 0..n-1."""
-        iov = ffi.new("struct iovec[]", len(regions))
-        for i, (addr, length) in enumerate(regions):
-            iov[i].iov_base = ffi.cast("void *", addr)
-            iov[i].iov_len = length
-        _check(lib.io_uring_register_buffers(self._ring, iov, len(regions)), "io_uring_register_buffers")
-        self._iovecs = iov
+    def trace(self):
+        """[(t_ns, user_data, xfer_id, res, flags, len, opcode, role, offset)] of every CQE so far."""
+        out = ffi.new("struct us_trace **")
+        n = lib.us_core_trace(self.ptr, out)
+        entries = out[0]
+        return [(e.t_ns, e.user_data, e.xfer_id, e.res, e.flags, e.len, e.opcode, e.role, e.offset)
+                for e in (entries[i] for i in range(n))]
 
     def register_eventfd(self, fd):
-        _check(lib.io_uring_register_eventfd(self._ring, fd), f"io_uring_register_eventfd(fd {fd})")
+        _check(lib.us_core_register_eventfd(self.ptr, fd), f"io_uring_register_eventfd(fd {fd})")
 
     def set_iowq_max_workers(self, bounded, unbounded):
-        values = ffi.new("unsigned int[2]", [bounded, unbounded])
-        _check(lib.io_uring_register_iowq_max_workers(self._ring, values), "io_uring_register_iowq_max_workers")
-        return values[0], values[1]
+        _check(lib.us_core_iowq_max_workers(self.ptr, bounded, unbounded), "io_uring_register_iowq_max_workers")
+
+    def pool(self, count, size):
+        """Register the zero-copy buffer pool (once); raises OSError (ENOMEM under RLIMIT_MEMLOCK)."""
+        return lib.us_core_pool(self.ptr, count, size)
+
+    def pool_address(self, index):
+        return lib.us_core_pool_address(self.ptr, index)
+
+    def idle_pipe_bytes(self):
+        """Bytes left in the engine's idle pipes (a test hook: it is always 0)."""
+        return lib.us_core_idle_pipe_bytes(self.ptr)
+
+    def busy(self):
+        """Operations the kernel still owes a CQE for."""
+        return lib.us_core_busy(self.ptr)
+
+    def statistics(self):
+        st = self.stats
+        return {name: getattr(st, name) for name in STATS}
+
+    def start_error(self):
+        """(US_START_* reason, errno, file size for US_START_OFFSET) of the last refused start."""
+        size = ffi.new("int64_t *")
+        why = lib.us_core_start_error(self.ptr, size)
+        return why, ffi.errno, size[0]
+
+    def tee(self, file_fd, sock_fds, offset, count):
+        """One transfer per socket (``struct us_xfer *`` each), or None with ``start_error()``."""
+        n = len(sock_fds)
+        out = ffi.new("struct us_xfer *[]", n)
+        if lib.us_tee(self.ptr, file_fd, ffi.new("int[]", sock_fds), n, offset, count, 0, out) < 0:
+            return None
+        return [gc(out[i], xfer_put) for i in range(n)]
+
+    def mappings_busy(self):
+        return lib.us_core_mappings_busy(self.ptr)
+
+    def cancel(self, x):
+        lib.us_cancel(self.ptr, x)
+
+    def cancel_all(self):
+        lib.us_cancel_all(self.ptr)
+
+    def run(self, wait_nr, timeout_ns):
+        """Submit, reap, advance; returns the number of entries in ``self.changes``.
+        Raises InterruptedError on a signal, so the caller's signal handlers run. The caller sets
+        ``acked`` once it has handled every entry; until then each run hands them out again,
+        first (a signal handler raising between the two loses nothing)."""
+        ack = self.acked
+        self.acked = False
+        n = lib.us_run(self.ptr, wait_nr, timeout_ns, ack)
+        if n <= 0:
+            self.acked = True  # nothing to hand out: nothing to hand out again
+            if n < 0:
+                _check(n, "io_uring_enter")
+        return n
+
+    def raw_submit(self, fields):
+        """Prepare and submit raw ops given as dicts of struct us_rawop fields, as whole chains;
+        returns their user_data."""
+        ops = ffi.new("struct us_rawop[]", len(fields))
+        for i, f in enumerate(fields):
+            for name, value in f.items():
+                setattr(ops[i], name, value)
+        _check(lib.us_raw_submit(self.ptr, ops, len(fields)), "prepare SQEs")
+        return [ops[i].user_data for i in range(len(fields))]
 
     def close(self):
-        if self._ring is not None:
-            lib.io_uring_queue_exit(self._ring)
-            self._ring = None
+        """Tear the ring down; returns how many operations were still out (their memory is kept)."""
+        if self.closed:
+            return 0
+        self.closed = True
+        held = lib.us_core_close(self.ptr)
+        self.kept = held > 0
+        return held
+
+    def __del__(self):
+        ptr = getattr(self, "ptr", None)
+        if ptr is None or os.getpid() != self.pid:
+            return  # a forked child's copy: the parent owns the kernel side
+        self.ptr = None
+        lib.us_core_free(ptr)
 
 
 class Pinned:
@@ -185,31 +241,3 @@ class Pinned:
         if self._cdata is not None:
             ffi.release(self._cdata)
             self._cdata = None
-
-
-class FileMapping:
-    """A read-only shared mapping of ``length`` bytes of ``fd`` from ``offset`` (page aligned).
-
-    Holds no file descriptor. ``unmap()`` only when the kernel references none of its pages.
-    """
-
-    __slots__ = ("address", "length")
-
-    def __init__(self, fd, length, offset):
-        err = ffi.new("int *")
-        self.address = lib.us_map_file(fd, length, offset, err)
-        self.length = length
-        if err[0]:
-            raise OSError(-err[0], f"mmap of fd {fd} ({length} bytes at {offset}): {os.strerror(-err[0])}")
-
-    def drop(self, offset, length):
-        """Unmap the whole pages inside [offset, offset+length) from the page tables (not the file)."""
-        start = -(-offset // PAGE) * PAGE
-        stop = (offset + length) // PAGE * PAGE
-        if stop > start and self.address:
-            _check(lib.us_drop_pages(self.address + start, stop - start), "madvise(MADV_DONTNEED)")
-
-    def unmap(self):
-        if self.address:
-            _check(lib.us_unmap(self.address, self.length), "munmap")
-            self.address = 0

@@ -1,4 +1,4 @@
-/* Declarations handed to cffi's cdef(): only what uringsend uses. */
+/* Kernel constants and probe helpers handed to cffi's cdef() (the engine's interface is _core.h). */
 
 #define IORING_SETUP_CQSIZE ...
 #define IORING_SETUP_SUBMIT_ALL ...
@@ -7,7 +7,6 @@
 #define IORING_SETUP_DEFER_TASKRUN ...
 #define IORING_CQE_F_MORE ...
 #define IORING_CQE_F_NOTIF ...
-#define IORING_SQ_CQ_OVERFLOW ...
 #define IORING_SEND_ZC_REPORT_USAGE ...
 #define IORING_NOTIF_USAGE_ZC_COPIED ...
 #define IOSQE_IO_LINK ...
@@ -17,54 +16,13 @@
 #define IORING_OP_READ_FIXED ...
 #define IORING_OP_POLL_ADD ...
 #define IORING_OP_ASYNC_CANCEL ...
+#define IORING_OP_FILES_UPDATE ...
 #define IORING_OP_READ ...
 #define IORING_OP_SEND ...
 #define IORING_OP_SPLICE ...
 #define IORING_OP_TEE ...
 #define IORING_OP_SEND_ZC ...
 #define IORING_OP_LAST_KNOWN ...
-#define US_OP_SEND_ZC_FIXED ...
 
-struct io_uring { ...; };
-
-/* One SQE to prepare; a chain is a run of ops whose sqe_flags carry IOSQE_IO_LINK. */
-struct us_op {
-    uint64_t user_data;
-    uint64_t addr;
-    int64_t off;
-    int64_t off_in;
-    int32_t fd;
-    int32_t fd_in;
-    uint32_t len;
-    uint32_t op_flags;
-    uint16_t zc_flags;
-    uint16_t buf_index;
-    uint8_t opcode;
-    uint8_t sqe_flags;
-};
-
-struct us_cqe {
-    uint64_t user_data;
-    int32_t res;
-    uint32_t flags;
-};
-
-struct iovec { void *iov_base; size_t iov_len; };
-
-int us_queue_init(unsigned entries, struct io_uring *ring, unsigned flags, unsigned cq_entries);
-void io_uring_queue_exit(struct io_uring *ring);
-unsigned us_sq_entries(struct io_uring *ring);
-unsigned us_cq_entries(struct io_uring *ring);
-unsigned io_uring_sq_space_left(const struct io_uring *ring);
-int us_prep(struct io_uring *ring, const struct us_op *ops, unsigned n);
-int io_uring_submit_and_get_events(struct io_uring *ring);
-int us_reap(struct io_uring *ring, struct us_cqe *out, unsigned max, unsigned wait_nr, int64_t timeout_ns);
-int io_uring_register_buffers(struct io_uring *ring, const struct iovec *iovecs, unsigned nr_iovecs);
-int io_uring_unregister_buffers(struct io_uring *ring);
-int io_uring_register_eventfd(struct io_uring *ring, int fd);
-int io_uring_register_iowq_max_workers(struct io_uring *ring, unsigned int *values);
+int us_try_setup(unsigned entries, unsigned flags);
 int us_probe_ops(unsigned char *supported, unsigned n);
-int us_ring_fd(struct io_uring *ring);
-uint64_t us_map_file(int fd, uint64_t length, int64_t offset, int *err);
-int us_unmap(uint64_t addr, uint64_t length);
-int us_drop_pages(uint64_t addr, uint64_t length);

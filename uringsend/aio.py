@@ -36,6 +36,7 @@ class AsyncRing:
             raise ValueError("an AsyncRing cannot use IORING_SETUP_DEFER_TASKRUN: its non-waiting "
                              "reaps would leave deferred work unrun (see uringsend.aio)")
         self.ring = _ring(entries, setup_flags, options)
+        self.ring._on_change = self._changed
         self._active = {}       # Transfer -> AsyncTransfer, until the transfer settles
         self._reap_due = False
         self._closing = False
@@ -79,7 +80,9 @@ class AsyncRing:
         transfer = self.ring.sendfile(sock, file, offset, count, mode=mode, header=header,
                                       on_release=on_release)
         handle = AsyncTransfer(self, transfer)
-        self._active[transfer] = handle
+        if not transfer.settled:
+            self._active[transfer] = handle
+            self.ring._watch(transfer)  # what happened before this is seen by the reap below
         self._schedule_reap()
         return handle
 
@@ -125,25 +128,28 @@ class AsyncRing:
             os.eventfd_read(self._efd)
         except BlockingIOError:
             pass
-        # Ring.poll pumps ready engines only after it reaped something; a cancelled or starved
-        # engine can be ready with no completion to come, so pump it here.
-        ring._pump_ready()
+        # One poll reaps and advances everything; each transfer that ended or settled comes back
+        # through _changed.
         try:
             while ring.poll(0):
                 pass
         except InterruptedError:
             self._schedule_reap()  # a signal arrived; its handler has run: reap again soon
-        for transfer, handle in list(self._active.items()):
-            if transfer.done:
-                handle._resolve(handle._done_waiters)
-            if transfer.settled:
-                del self._active[transfer]
-                handle._resolve(handle._settled_waiters)
         if self._idle is not None and self._quiet() and not self._idle.done():
             self._idle.set_result(None)
 
+    def _changed(self, transfer):
+        handle = self._active.get(transfer)
+        if handle is None:
+            return
+        if transfer.done:
+            handle._resolve(handle._done_waiters)
+        if transfer.settled:
+            del self._active[transfer]
+            handle._resolve(handle._settled_waiters)
+
     def _quiet(self):
-        return not self._active and not len(self.ring.ledger)
+        return not self._active and self.ring._idle()
 
     def _teardown(self):
         self._loop.remove_reader(self._efd)

@@ -1,20 +1,16 @@
-"""The completion ledger: user_data -> the operation in flight, and the buffer it holds.
+"""Raw operations: SQEs built in Python, for the kernel-fact tests.
 
-Kernel facts this relies on (Linux 6.18, see SEMANTICS.md in the project's design notes):
-- A SEND_ZC result CQE with IORING_CQE_F_MORE is followed by a notification CQE
-  (IORING_CQE_F_NOTIF) with the same user_data, also after errors. Only the notification says the
-  kernel no longer references the buffer.
-- A SEND_ZC cancelled because an earlier link member failed completes -ECANCELED *without* F_MORE,
-  yet a notification still arrives. So -ECANCELED on a zero-copy send also waits for one.
-- Notifications arrive out of submission order across sockets: everything is keyed by user_data.
-- With IORING_SEND_ZC_REPORT_USAGE the notification's res is a flag word (ZC_COPIED is bit 31 and
-  reads as a negative s32): never an errno.
-- user_data is a 64-bit counter and is never reused, so a late or orphan notification can never be
-  routed to a newer operation.
-A failed completion never raises here: it is handed to the operation's owner, which records it on
-its transfer for the caller who waits.
+The transfer engine in C runs sendfile() transfers on its own; these ops go through its raw-op
+interface (us_raw_submit), which prepares them exactly as given, whole chains only, and hands
+their CQEs back in us_run's batch. This ledger routes each CQE to its op's owner by user_data
+(assigned by the engine, never reused). Kernel facts relied on, as for the engine
+(docs/kernel-facts.md): a SEND_ZC result with IORING_CQE_F_MORE is followed by a notification with
+the same user_data, also after errors [KF 11]; a SEND_ZC cancelled by a broken link completes
+-ECANCELED without F_MORE, yet a notification still arrives [KF 12]; with
+IORING_SEND_ZC_REPORT_USAGE the notification's res is a flag word [KF 15].
 """
 import errno
+import select
 
 from . import _lowlevel as ll
 
@@ -22,6 +18,7 @@ _ZC_COPIED = ll.IORING_NOTIF_USAGE_ZC_COPIED
 _F_MORE = ll.IORING_CQE_F_MORE
 _F_NOTIF = ll.IORING_CQE_F_NOTIF
 _ZC_OPS = (ll.OP_SEND_ZC, ll.OP_SEND_ZC_FIXED)
+_SPLICE_OPS = (ll.OP_SPLICE, ll.OP_TEE)
 
 
 class Op:
@@ -41,7 +38,7 @@ class Op:
         self.off = off
         self.fd_in = fd_in
         self.off_in = off_in
-        self.op_flags = op_flags
+        self.op_flags = op_flags  # msg_flags, splice_flags or the poll mask, by opcode
         self.zc_flags = zc_flags
         self.buf_index = buf_index
         self.role = role
@@ -59,31 +56,29 @@ class Op:
         return ll.opcode_name(self.opcode)
 
     def fields(self, sqe_flags):
-        return (self.user_data, self.addr, self.off, self.off_in, self.fd, self.fd_in, self.len,
-                self.op_flags, self.zc_flags, self.buf_index, self.opcode, sqe_flags)
+        f = {"addr": self.addr, "off": self.off, "off_in": self.off_in, "fd": self.fd, "fd_in": self.fd_in,
+             "len": self.len, "zc_flags": self.zc_flags, "buf_index": self.buf_index,
+             "opcode": self.opcode, "sqe_flags": sqe_flags}
+        if self.opcode in _SPLICE_OPS:
+            f["splice_flags"] = self.op_flags
+        elif self.opcode == ll.OP_POLL_ADD:
+            f["poll_mask"] = self.op_flags or select.POLLOUT
+        else:
+            f["msg_flags"] = self.op_flags
+        return f
 
 
 class Ledger:
-    """Routes CQEs to their operations' owners; counts what is still in flight."""
+    """Raw ops in flight, by user_data; routes their CQEs to their owners' ``_on_result`` and
+    ``_on_release``. ``trace`` (a list, when wanted) gets (t_ns, op, user_data, res, flags)."""
 
-    def __init__(self):
+    def __init__(self, core):
+        self._core = core
         self._ops = {}
-        self._next = 1
-        self.pending_notifs = 0
-        self.completed = 0
-        self.notifs = 0
-        self.copied = 0
-        self.zerocopy = 0
-        self.orphans = 0
-        self.trace = None  # a list to append (t_ns, op, user_data, res, flags) to, when wanted
+        self.trace = None
 
     def __len__(self):
         return len(self._ops)
-
-    def add(self, op):
-        op.user_data = self._next
-        self._next += 1
-        self._ops[op.user_data] = op
 
     def ops(self):
         return list(self._ops.values())
@@ -91,35 +86,37 @@ class Ledger:
     def awaiting_result(self):
         return [op for op in self._ops.values() if op.res is None]
 
-    def dispatch_one(self, cqe, now):
-        """Hand one (user_data, res, flags) to its op's owner."""
-        user_data, res, flags = cqe
+    def submit(self, chain, sqe_flags=None):
+        """Submit ``chain`` (ops linked with IOSQE_IO_LINK, all but the last), or ops with exactly
+        the ``sqe_flags`` given (one per op)."""
+        link = ll.IOSQE_IO_LINK
+        if sqe_flags is None:
+            sqe_flags = [link] * (len(chain) - 1) + [0]
+        fields = [op.fields(flags) for op, flags in zip(chain, sqe_flags)]
+        if len(fields) > self._core.sq_entries and all(f & (link | ll.IOSQE_IO_HARDLINK) for f in sqe_flags[:-1]):
+            raise ValueError(f"a chain of {len(fields)} ops cannot fit a ring of {self._core.sq_entries} entries")
+        for op, user_data in zip(chain, self._core.raw_submit(fields)):
+            op.user_data = user_data
+            self._ops[user_data] = op
+
+    def dispatch(self, user_data, res, flags, now):
+        """Hand one raw CQE to its op's owner."""
         ops = self._ops
         op = ops.get(user_data)
         if self.trace is not None:
             self.trace.append((now, op, user_data, res, flags))
         if op is None:
-            self.orphans += 1
             return
         if flags & _F_NOTIF:
             del ops[user_data]
-            self.pending_notifs -= 1
-            self.notifs += 1
             copied = None
             if op.zc_flags & ll.IORING_SEND_ZC_REPORT_USAGE:
                 copied = bool(res & _ZC_COPIED)
-                if op.res > 0:  # a send that moved nothing is flagged "copied" too: not counted
-                    if copied:
-                        self.copied += 1
-                    else:
-                        self.zerocopy += 1
             op.owner._on_release(op, copied, now)
             return
-        self.completed += 1
         op.res = res
         if op.opcode in _ZC_OPS and (flags & _F_MORE or res == -errno.ECANCELED):
             op.awaiting_notif = True
-            self.pending_notifs += 1
         else:
             del ops[user_data]
         op.owner._on_result(op, res, now)

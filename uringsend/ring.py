@@ -1,26 +1,32 @@
-"""Ring: one io_uring, its ledger, the chains waiting for SQ room, and the transfers it drives.
+"""Ring: one io_uring and the transfers it drives, from one thread.
+
+The per-transfer work (chains, submission, reaping, what each CQE means, buffers, pipes, the
+zero-copy budget, the timeline) runs in the C engine (``_core.c``, wrapped by
+``_lowlevel.Core``). This module checks arguments, owns the policy for file mappings, hands out
+``Transfer`` handles and drives the engine: one call per wait step, which returns only the changes
+of transfers that asked to be told (callbacks, asyncio waiters).
 
 Submission and reaping happen only on the thread that created the ring: io_uring requests belong
 to the submitting task (its io-wq splices are cancelled when it exits), and the ring is set up with
 SINGLE_ISSUER|DEFER_TASKRUN where the kernel accepts them, which makes that a rule.
 """
-import collections
 import errno
-import functools
 import os
+import resource
+import socket
 import threading
 import time
 import warnings
+import weakref
 
 from . import _lowlevel as ll
-from ._args import _close, _dup, _file_fd, _nonneg, _regular_stat, _sock_fd
-from .engines import MapEngine, SpliceEngine, ZeroCopyEngine
+from ._args import _nonneg, _sock_fd
 from .errors import IoUringUnavailable, RingOwnerError
-from .ledger import Ledger, Op
-from .pools import BufferPool, MappingCache, PipePool
-from .tee import TeeEngine
+from .ledger import Ledger
+from .pools import pipe_max_size
+from .trace import entries as trace_entries
 from .transfer import Transfer
-from .zc import default_zc_budget, zc_charge
+from .zc import default_zc_budget
 
 MODES = ("auto", "splice", "zerocopy", "mmap", "copy")
 AUTO = "copy"  # the fastest mode that reports releases, at every size measured (README: Benchmark)
@@ -31,37 +37,23 @@ SETUP_ATTEMPTS = (
     _F["SUBMIT_ALL"] | _F["COOP_TASKRUN"],
     0,
 )
+_CODES = {mode: ll.MODE_CODES[AUTO if mode == "auto" else mode] for mode in MODES}
+_ZEROCOPY = ll.MODE_CODES["zerocopy"]
+_us_start, _NULL, _gc, _xfer_put = ll.xfer_start, ll.NULL, ll.gc, ll.xfer_put
+_FILE_SLOTS = 1024  # registered file table (a transfer takes one or two slots while it runs)
+_SOCKET = socket.socket
+_get_ident = threading.get_ident
 # Bumped in a forked child: rings created before the fork belong to the parent.
 _forks = [0]
 os.register_at_fork(after_in_child=lambda: _forks.__setitem__(0, _forks[0] + 1))
-# Objects the kernel may still reference after their ring was closed (notifications pending at
-# close): kept alive for the life of the process rather than freed or reused.
+# Engines whose ring was closed while the kernel may still reference their memory: kept for the
+# life of the process rather than freed or reused.
 _kept_alive = []
 
 
-class _Canceller:
-    """Owner of ASYNC_CANCEL ops. A cancel finds only an op the kernel has issued: a link member
-    whose turn has come may still sit in deferred task work (DEFER_TASKRUN) until the next enter,
-    and then every cancel of the round answers -ENOENT. So a round that found nothing, for a chain
-    still in flight, is followed by another one."""
-
-    def __init__(self, ring):
-        self.ring = ring
-        self.rounds = {}  # engine -> [cancels outstanding, found anything, which]
-
-    def _on_result(self, op, res, now):
-        engine = op.keep
-        state = self.rounds[engine]
-        state[0] -= 1
-        if res != -errno.ENOENT:
-            state[1] = True
-        if state[0] == 0:
-            del self.rounds[engine]
-            if not state[1] and engine.chain_left:
-                self.ring._cancel_ops(engine, state[2])
-
-    def _on_release(self, op, copied, now):
-        pass
+def _file_slots():
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(0, min(_FILE_SLOTS, soft if soft != resource.RLIM_INFINITY else _FILE_SLOTS))
 
 
 class Ring:
@@ -82,47 +74,48 @@ class Ring:
                             ("buffer_size", buffer_size)):
             if not isinstance(value, int) or not 4096 <= value <= (1 << 30):
                 raise ValueError(f"{name} must be an int in 4096..2**30, not {value!r}")
-        self._owner = threading.get_ident()
+        if not isinstance(buffers, int) or buffers < 1 or buffer_size % ll.PAGE:
+            raise ValueError(f"buffers must be >= 1 and buffer_size a multiple of {ll.PAGE}")
+        self._owner = _get_ident()
         self._pid = os.getpid()
         self._fork = _forks[0]
-        self._raw = None
+        self._core = None
         attempts = SETUP_ATTEMPTS if setup_flags is None else (setup_flags,)
         err = None
         for flags in attempts:
             try:
-                self._raw = ll.RawRing(entries, flags, cq_entries)
+                self._core = ll.Core(entries, flags, cq_entries, _file_slots())
                 break
             except OSError as exc:
                 err = exc
                 if exc.errno in (errno.ENOSYS, errno.EPERM):
                     raise IoUringUnavailable(exc.errno) from None
-        if self._raw is None:
+        if self._core is None:
             raise err
-        self.setup_flags = [name for name, bit in _F.items() if self._raw.flags & bit]
-        self.ledger = Ledger()
-        if trace:
-            self.ledger.trace = []
-        self.pipes = PipePool(pipe_size)
-        self.mappings = MappingCache()
+        core = self._core
+        self._ptr = core.ptr
+        self.setup_flags = [name for name, bit in _F.items() if core.flags & bit]
+        pipe_size = min(pipe_size or (1 << 20), pipe_max_size())
         self._buffers_spec = (buffers, buffer_size)
-        self._pool = None
+        self._pool_ready = False
         self.chunk_size = chunk_size
         self.copy_chunk_size = copy_chunk_size
         self.zc_budget = zc_budget if zc_budget is not None else default_zc_budget()
-        self._zc_pending = 0
-        self._zc_waiters = []
+        # file mappings: up to 64 idle ones cached; files above 16 MiB get one per transfer
+        core.configure(chunk_size, copy_chunk_size, self.zc_budget, pipe_size, 16, 64, 16 << 20)
         self.close_timeout = close_timeout
-        self._backlog = collections.deque()
-        self._ready_list = collections.deque()
-        self._reaped = collections.deque()  # CQEs taken off the CQ, not yet dispatched
-        self._engines = set()   # not settled yet
-        self._canceller = _Canceller(self)
-        self.transfers_started = 0
+        self.ledger = Ledger(core)        # raw ops (kernel-fact tests)
+        self._watched = {}                # transfer id -> Transfer, for those that want changes
+        self._on_change = None            # set by uringsend.aio: told of watched transfers done/settled
+        self._trace_handles = weakref.WeakValueDictionary() if trace else None
         self.kept_alive = 0
-        self.sq_full = 0
+        self._tracing = bool(trace)
+        if trace:
+            core.set_trace(True)
+            self.ledger.trace = []
         if max_workers:
             try:
-                self._raw.set_iowq_max_workers(max_workers, max_workers)
+                core.set_iowq_max_workers(max_workers, max_workers)
             except OSError:
                 pass  # older kernels: io-wq stays unbounded
 
@@ -135,27 +128,27 @@ class Ring:
 
     @property
     def closed(self):
-        return self._raw is None
+        return self._core is None
 
     @property
     def sq_entries(self):
-        return self._raw.sq_entries
+        return self._core.sq_entries
 
     @property
     def cq_entries(self):
-        return self._raw.cq_entries
+        return self._core.cq_entries
 
     @property
     def fd(self):
-        return self._raw.fd
+        return self._core.fd
 
     def _check_owner(self):
-        if self._raw is None:
+        if self._core is None:
             raise ValueError("the ring is closed")
         if _forks[0] != self._fork:
             raise RingOwnerError(f"this ring belongs to process {self._pid}; io_uring requests "
                                  "cannot be submitted from a forked child: create a new Ring there")
-        if threading.get_ident() != self._owner:
+        if _get_ident() != self._owner:
             raise RingOwnerError("a Ring is driven only by the thread that created it (io_uring "
                                  "requests belong to the submitting thread); create one per thread")
 
@@ -166,101 +159,107 @@ class Ring:
         Returns a Transfer at once. ``sock``: a connected stream socket or its fd. ``file``: a file
         object, fd or path (opened and closed by the transfer). ``header``: bytes sent first, as one
         stream with the body. ``on_release(event)`` is called for each released chunk.
+
+        The transfer holds the socket and the file on its own (in the ring's registered file table,
+        or as duplicates): the caller may close theirs as soon as this returns.
         """
-        self._check_owner()
-        if mode not in MODES:
+        if self._core is None or _get_ident() != self._owner or _forks[0] != self._fork:
+            self._check_owner()
+        code = _CODES.get(mode) if type(mode) is str else None
+        if code is None:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-        if not isinstance(header, (bytes, bytearray, memoryview)):
-            raise TypeError(f"header must be bytes, not {type(header).__name__}")
+        if type(header) is not bytes:
+            if not isinstance(header, (bytearray, memoryview)):
+                raise TypeError(f"header must be bytes, not {type(header).__name__}")
+            header = bytes(header)
         if on_release is not None and not callable(on_release):
             raise TypeError("on_release must be callable")
-        offset = _nonneg("offset", offset)
-        if count is not None:
+        if type(offset) is not int or offset < 0:
+            offset = _nonneg("offset", offset)
+        if count is not None and (type(count) is not int or count < 0):
             count = _nonneg("count", count)
-        # The transfer works on its own duplicates of both fds: the caller may close theirs at any
-        # time, and a later chain must never reach whatever file or socket reuses the number.
-        user_sock = _sock_fd(sock)
-        file_fd, user_file = _file_fd(file)
-        sock_fd = -1
-        try:
-            sock_fd = _dup(user_sock)
-            st = _regular_stat(file_fd, file)
-            size = st.st_size
-            if offset > size:
-                raise ValueError(f"offset {offset} is past the end of the file ({size} bytes)")
-            end = size if count is None else min(size, offset + count)
-            chosen = AUTO if mode == "auto" else mode
-            transfer = Transfer(self, chosen, user_sock, user_file, offset,
-                                count if count is not None else end - offset, len(header), on_release)
-            header = bytes(header)
-            args = (self, transfer, sock_fd, file_fd, offset, end, header)
-            if chosen == "splice":
-                engine = SpliceEngine(*args)
-            elif chosen == "zerocopy":
-                self._buffer_pool()  # registering can fail (ENOMEM under RLIMIT_MEMLOCK): fail here
-                engine = ZeroCopyEngine(*args)
-            else:
-                engine = MapEngine(*args, zerocopy=(chosen == "mmap"), auto=(mode == "auto"), st=st)
-        except BaseException:
-            _close(file_fd, sock_fd)
-            raise
-        transfer._cancel = engine.cancel
-        self._engines.add(engine)
-        self.transfers_started += 1
-        engine.pump()
-        self._flush()
+        if type(sock) is _SOCKET:  # known to be a socket: no fstat needed
+            sock_fd = sock.fileno()
+            if sock_fd < 0:
+                raise OSError(errno.EBADF, f"sendfile: socket {sock!r} is closed")
+        else:
+            sock_fd = _sock_fd(sock)
+        opened = -1
+        if type(file) is int:
+            file_fd = user_file = file
+        elif isinstance(file, (str, bytes, os.PathLike)):
+            file_fd = opened = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+            user_file = None
+        else:
+            file_fd = user_file = _file_fd_of(file)
+        if code == _ZEROCOPY and not self._pool_ready:
+            self._buffer_pool()  # registering can fail (ENOMEM under RLIMIT_MEMLOCK): fail here
+        watch = on_release is not None
+        x = _us_start(self._ptr, code, sock_fd, file_fd, offset, -1 if count is None else count, header,
+                      len(header), watch)
+        if opened >= 0:
+            os.close(opened)  # the transfer installed, mapped or duplicated it already
+        if x == _NULL:
+            _start_failed(self._core, file, file_fd, offset)
+        x = _gc(x, _xfer_put)
+        transfer = Transfer(self, x, AUTO if mode == "auto" else mode, sock_fd, user_file, count, on_release)
+        if watch:
+            self._watched[x.id] = transfer
+            if x.nevents:
+                transfer._released()
+        if self._trace_handles is not None:
+            self._trace_handles[x.id] = transfer
         return transfer
 
     def tee(self, file, socks, offset=0, count=None):
         """Send the same file range to every socket in ``socks``, reading the page cache once per
         chunk (IORING_OP_TEE into a pipe per socket). Returns one Transfer per socket, in order.
-        Like mode 'splice', the sockets get the pages by reference: events are 'queued' only."""
+        Like mode 'splice', the sockets get the pages by reference: events are 'queued' only.
+        Each socket has its own position: one that fails or is cancelled drops out alone."""
         self._check_owner()
         socks = list(socks)
         if not socks:
             raise ValueError("tee needs at least one socket")
+        if 2 * len(socks) > self._core.sq_entries:
+            raise ValueError(f"tee to {len(socks)} sockets needs a ring of at least {2 * len(socks)} entries")
         offset = _nonneg("offset", offset)
         if count is not None:
             count = _nonneg("count", count)
-        user_socks = [_sock_fd(s) for s in socks]
-        if len(set(user_socks)) != len(user_socks):
+        sock_fds = [_sock_fd(s) for s in socks]
+        if len(set(sock_fds)) != len(sock_fds):
             raise ValueError("tee: the same socket appears twice")
-        file_fd, user_file = _file_fd(file)
-        sock_fds = []
+        opened = -1
+        if type(file) is int:
+            file_fd = user_file = file
+        elif isinstance(file, (str, bytes, os.PathLike)):
+            file_fd = opened = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+            user_file = None
+        else:
+            file_fd = user_file = _file_fd_of(file)
         try:
-            sock_fds.extend(_dup(fd) for fd in user_socks)
-            size = _regular_stat(file_fd, file).st_size
-            if offset > size:
-                raise ValueError(f"offset {offset} is past the end of the file ({size} bytes)")
-            end = size if count is None else min(size, offset + count)
-            planned = count if count is not None else end - offset
-            transfers = [Transfer(self, "splice", fd, user_file, offset, planned, 0) for fd in user_socks]
-            engine = TeeEngine(self, transfers, sock_fds, file_fd, offset, end)
-        except BaseException:
-            _close(file_fd, *sock_fds)
-            raise
-        for i, t in enumerate(transfers):
-            t._cancel = functools.partial(engine.cancel_dest, i)
-        self._engines.add(engine)
-        self.transfers_started += len(transfers)
-        engine.pump()
-        self._flush()
+            xs = self._core.tee(file_fd, sock_fds, offset, -1 if count is None else count)
+        finally:
+            if opened >= 0:
+                os.close(opened)
+        if xs is None:
+            _start_failed(self._core, file, file_fd, offset)
+        transfers = [Transfer(self, x, "splice", fd, user_file, count, None) for x, fd in zip(xs, sock_fds)]
+        if self._trace_handles is not None:
+            for x, t in zip(xs, transfers):
+                self._trace_handles[x.id] = t
         return transfers
 
     def poll(self, timeout=0):
-        """Submit what is queued, reap what has completed (waiting up to ``timeout`` seconds for
+        """Submit what is queued, handle what has completed (waiting up to ``timeout`` seconds for
         at least one completion; None waits without limit). Returns the number of CQEs handled."""
         self._check_owner()
-        self._pump_ready()  # engines readied without a completion (a cancel, a withdrawal)
-        self._flush()
         ns = -1 if timeout is None else max(0, int(timeout * 1e9))
-        before = len(self._reaped)
-        self._reaped.extend(self._raw.reap(1 if ns != 0 else 0, ns))
-        handled = len(self._reaped) - before
-        if self._reaped:
-            self._dispatch(())
-            self._flush()  # chains the completions made ready
-        return handled
+        st = self._core.stats
+        before = st.completions + st.notifs + st.orphan_cqes
+        n = self._core.run(1 if ns != 0 else 0, ns)
+        if n:
+            self._dispatch(n)
+        return st.completions + st.notifs + st.orphan_cqes - before
 
     def wait(self, transfers, timeout=None, released=False):
         """Drive the ring until every transfer is done (``released``: and settled)."""
@@ -272,37 +271,41 @@ class Ring:
 
     def run_until_complete(self, timeout=None):
         """Drive until every transfer on this ring is done and everything it used is released."""
-        self._drive(lambda: not self._engines, timeout)
+        self._drive(self._idle, timeout)
 
     def register_eventfd(self, fd):
         """Have the kernel signal eventfd ``fd`` when completions are ready (for event loops)."""
         self._check_owner()
-        self._raw.register_eventfd(fd)
+        self._core.register_eventfd(fd)
 
     def statistics(self):
-        pool = self._pool
+        core = self._core
+        st = core.statistics() if core is not None else {}
         return {
             "setup_flags": self.setup_flags,
-            "sq_entries": self._raw.sq_entries if self._raw else 0,
-            "cq_entries": self._raw.cq_entries if self._raw else 0,
-            "transfers_started": self.transfers_started,
-            "transfers_active": len(self._engines),
-            "pending_ops": len(self.ledger.awaiting_result()),
-            "pending_notifs": self.ledger.pending_notifs,
-            "queued_chains": len(self._backlog),
-            "sq_full": self.sq_full,
-            "completions": self.ledger.completed,
-            "notifs": self.ledger.notifs,
-            "copied": self.ledger.copied,
-            "zerocopy": self.ledger.zerocopy,
-            "orphan_cqes": self.ledger.orphans,
-            "zc_bytes_unreleased": self._zc_pending,
-            "buffers_total": pool.count if pool else 0,
-            "buffers_free": pool.free if pool else 0,
-            "pipes_created": self.pipes.created,
-            "pipes_idle": self.pipes.idle,
-            "mappings_created": self.mappings.created,
-            "mappings_busy": self.mappings.busy,
+            "sq_entries": core.sq_entries if core else 0,
+            "cq_entries": core.cq_entries if core else 0,
+            "transfers_started": st.get("transfers_started", 0),
+            "transfers_active": st.get("transfers_active", 0),
+            "pending_ops": st.get("ops_in_flight", 0),
+            "pending_notifs": st.get("pending_notifs", 0),
+            "queued_chains": 0,
+            "sq_full": st.get("sq_full", 0),
+            "completions": st.get("completions", 0),
+            "notifs": st.get("notifs", 0),
+            "copied": st.get("copied", 0),
+            "zerocopy": st.get("zerocopy", 0),
+            "orphan_cqes": st.get("orphan_cqes", 0),
+            "zc_bytes_unreleased": st.get("zc_bytes_unreleased", 0),
+            "buffers_total": st.get("buffers_total", 0),
+            "buffers_free": st.get("buffers_free", 0),
+            "pipes_created": st.get("pipes_created", 0),
+            "pipes_idle": st.get("pipes_idle", 0),
+            "mappings_created": st.get("mappings_created", 0),
+            "mappings_busy": core.mappings_busy() if core else 0,
+            "fixed_files": st.get("fixed_files", 0),
+            "fds_duplicated": st.get("fds_duplicated", 0),
+            "enters": st.get("enters", 0),
             "kept_alive": self.kept_alive,
         }
 
@@ -310,188 +313,158 @@ class Ring:
         """Cancel what is running, wait (at most ``timeout``, default ``close_timeout``) for every
         outstanding completion and notification, then tear down. Memory the kernel may still
         reference when time runs out is kept alive for the life of the process, never freed."""
-        if self._raw is None:
+        core = self._core
+        if core is None:
             return
         if _forks[0] != self._fork:
-            self._raw = None  # a forked child's copy: the parent owns the kernel side
+            self._core = None  # a forked child's copy: the parent owns the kernel side
             return
         self._check_owner()
         timeout = self.close_timeout if timeout is None else timeout
-        for engine in list(self._engines):
-            if not engine.done:
-                engine.cancel()
+        core.cancel_all()
         try:
-            self._drive(lambda: not self._engines and not len(self.ledger), timeout)
+            self._drive(self._idle, timeout)
         except (TimeoutError, RuntimeError):
             pass  # what is still referenced is kept alive below
-        held = self.ledger.ops()
-        if held:
-            warnings.warn(f"uringsend: ring closed with {len(held)} operations still referencing "
+        held = core.close()
+        self._core = None
+        if held or len(self.ledger):
+            warnings.warn(f"uringsend: ring closed with {held} operations still referencing "
                           "memory; keeping that memory alive", ResourceWarning, stacklevel=2)
-            self.kept_alive = len(held)
-            self._keep_alive()
-        self._raw.close()
-        self._raw = None
-        if not held and self._pool is not None:
-            self._pool.close()
-        self.pipes.close()
-        self.mappings.close()
-        for engine in self._engines:
-            # The ring's teardown cancels its requests, so no op can pick up a file by fd any
-            # more; kept memory does not need the fd.
-            engine.drop_fds()
+            self.kept_alive = held
+            _kept_alive.append((core, self.ledger.ops()))
+        self._watched.clear()
 
     def __del__(self):
-        if getattr(self, "_raw", None) is not None and _forks[0] == self._fork:
-            if len(self.ledger):
-                self._keep_alive()
-            self._raw.close()
-            self._raw = None
+        core = getattr(self, "_core", None)
+        if core is not None and _forks[0] == self._fork and (core.busy() or len(self.ledger)):
+            _kept_alive.append((core, self.ledger.ops()))
 
-    def _keep_alive(self):
-        """Keep what in-flight ops may reference alive for the life of the process."""
-        _kept_alive.append((self.ledger.ops(), self._pool, list(self._engines)))
-
-    # ---- engine side -------------------------------------------------------------------------
-    def _buffer_pool(self):
-        if self._pool is None:
-            self._pool = BufferPool(self._raw, *self._buffers_spec)
-        return self._pool
-
-    def _let_go_buffer(self, index):
-        pool = self._pool
-        pool.let_go(index)
-        if pool.waiters and pool.free:
-            for engine in pool.take_waiters():
-                self._ready(engine)
-
-    def _reserve_zc(self, engine, n):
-        n = zc_charge(n)
-        if self._zc_pending and self._zc_pending + n > self.zc_budget:
-            if engine not in self._zc_waiters:
-                self._zc_waiters.append(engine)
-            return False
-        self._zc_pending += n
-        return True
-
-    def _unreserve_zc(self, n):
-        self._zc_pending -= zc_charge(n)
-        if self._zc_waiters:
-            waiters, self._zc_waiters = self._zc_waiters, []
-            for engine in waiters:
-                self._ready(engine)
-
-    def _ready(self, engine):
-        self._ready_list.append(engine)
-
-    def _settled(self, engine):
-        self._engines.discard(engine)
-
-    def _submit_chain(self, ops):
-        if len(ops) > self._raw.sq_entries:
-            raise ValueError(f"a chain of {len(ops)} ops cannot fit a ring of {self._raw.sq_entries} entries")
-        self._backlog.append(ops)
-
-    def _cancel_ops(self, engine, which=None):
-        """Cancel an engine's ops (those ``which(op)`` picks, default all): queued chains are
-        withdrawn whole, submitted ops get ASYNC_CANCEL (a cancelled link member breaks its chain)."""
-        keep = collections.deque()
-        withdrawn = []
-        for chain in self._backlog:
-            mine = chain[0].owner is engine and (which is None or any(which(op) for op in chain))
-            (withdrawn.extend(chain) if mine else keep.append(chain))
-        self._backlog = keep
-        if withdrawn:
-            engine._withdrawn(withdrawn)
-        if engine in self._canceller.rounds:
-            return  # a round is in flight; if it finds nothing it issues the next one
-        targets = [op for op in self.ledger.awaiting_result()
-                   if op.owner is engine and (which is None or which(op))]
-        if targets:
-            self._canceller.rounds[engine] = [len(targets), False, which]
-            for op in targets:
-                self._backlog.append([Op(self._canceller, ll.OP_ASYNC_CANCEL, -1, addr=op.user_data,
-                                         role="cancel", keep=engine)])
-        self._flush()
-
-    def _flush(self):
-        """Submit queued chains, whole chains only, as many as the SQ holds each round."""
-        raw = self._raw
-        backlog = self._backlog
-        ledger = self.ledger
-        link = ll.IOSQE_IO_LINK
-        while backlog:
-            space = raw.sq_space()
-            fields = []
-            while backlog and len(fields) + len(backlog[0]) <= space:
-                chain = backlog.popleft()
-                last = len(chain) - 1
-                for i, op in enumerate(chain):
-                    ledger.add(op)
-                    fields.append(op.fields(link if i < last else 0))
-            if not fields:
-                break
-            if backlog:
-                self.sq_full += 1  # the next chain waits, whole, for this submission to make room
-            prepared = raw.prep(fields)
-            assert prepared == len(fields), f"prepared {prepared} of {len(fields)} SQEs"
-            raw.submit()
-
-    def _dispatch(self, cqes):
-        """Hand reaped CQEs to the ledger, then pump the engines they made ready.
-
-        A Python signal handler may raise (KeyboardInterrupt) at any bytecode. CQEs already taken
-        off the CQ exist nowhere else, so an exception raised while they are handled is held
-        until every one of them and every ready engine has been dealt with, then re-raised."""
-        pending = self._reaped
-        pending.extend(cqes)
-        now = time.perf_counter_ns()
-        dispatch = self.ledger.dispatch_one
-        held = None
-        while pending or self._ready_list:
-            try:
-                while pending:
-                    dispatch(pending.popleft(), now)
-                self._pump_ready()
-            except BaseException as exc:  # noqa: B036 - re-raised below, once the work is done
-                held = held or exc
-        if held is not None:
-            raise held
-
-    def _pump_ready(self):
-        ready = self._ready_list
-        while ready:
-            ready.popleft().pump()
+    # ---- driving -----------------------------------------------------------------------------
+    def _idle(self):
+        core = self._core
+        return not core.stats.transfers_active and not core.busy() and not len(self.ledger)
 
     def _drive(self, until, timeout):
-        self._check_owner()
+        if self._core is None or _get_ident() != self._owner or _forks[0] != self._fork:
+            self._check_owner()
+        core = self._core
+        run = core.run
         deadline = None if timeout is None else time.monotonic() + timeout
-        raw = self._raw
         while True:
-            if self._reaped:
-                self._dispatch(())
-            self._pump_ready()
-            self._flush()
             if until():
                 return
-            if not len(self.ledger):
-                raise RuntimeError("uringsend: nothing is in flight, yet the wait cannot end "
-                                   f"({self.statistics()})")
             if deadline is None:
-                ns = -1
+                ns = WAIT_SLICE_NS
             else:
                 ns = int((deadline - time.monotonic()) * 1e9)
                 if ns <= 0:
                     raise TimeoutError("uringsend: timed out waiting for completions")
-            # Sliced: a signal arriving after the GIL was released but before the kernel wait
-            # began only sets Python's flag; its handler must not wait for a completion.
-            ns = WAIT_SLICE_NS if ns < 0 else min(ns, WAIT_SLICE_NS)
+                # Sliced: a signal arriving after the GIL was released but before the kernel wait
+                # began only sets Python's flag; its handler must not wait for a completion.
+                ns = min(ns, WAIT_SLICE_NS)
             try:
-                # Reaped CQEs go straight to the ring's queue: a signal handler raising in this
-                # loop finds them there on the next call, never in a lost local.
-                self._reaped.extend(raw.reap(1, ns))
+                n = run(1, ns)
             except InterruptedError:
                 continue  # a signal: its Python handler runs here; then keep waiting
-            if self._reaped:
-                self._dispatch(())
+            if n:
+                self._dispatch(n)
+            elif not until() and not core.busy():
+                raise RuntimeError("uringsend: nothing is in flight, yet the wait cannot end "
+                                   f"({self.statistics()})")
 
+    def _dispatch(self, n):
+        """Route one batch of changes: raw CQEs to their ops' owners, transfer changes to the
+        handles that asked for them.
+
+        A Python signal handler may raise (KeyboardInterrupt) at any bytecode. The batch lives
+        in the engine's buffer until the next run, so an exception raised while it is handled is
+        held until every entry has been dealt with, then re-raised."""
+        changes = self._core.changes
+        watched = self._watched
+        now = time.perf_counter_ns()
+        i = 0
+        held = None
+        while i < n:
+            try:
+                while i < n:
+                    ch = changes[i]
+                    i += 1
+                    what = ch.what
+                    if what & ll.CH_RAW:
+                        self.ledger.dispatch(ch.id, ch.res, ch.flags, now)
+                        continue
+                    t = watched.get(ch.id)
+                    if t is None:
+                        continue
+                    if what & ll.CH_RELEASED:
+                        t._released()
+                    if what & ll.CH_SETTLED:
+                        del watched[ch.id]
+                    if what & (ll.CH_DONE | ll.CH_SETTLED) and self._on_change is not None:
+                        self._on_change(t)
+            except BaseException as exc:  # noqa: B036 - re-raised below, once the work is done
+                held = held or exc
+        self._core.acked = True
+        if held is not None:
+            raise held
+
+    # ---- Python-run engines (tee) and raw ops ----------------------------------------------
+    def _cancel(self, transfer):
+        self._check_owner()
+        self._core.cancel(transfer._x)
+
+    def _watch(self, transfer):
+        """Report this transfer's changes (done, settled) to ``_on_change`` from now on."""
+        x = transfer._x
+        if x.notify:
+            return
+        x.notify = 1
+        self._watched[x.id] = transfer
+
+    def _buffer_pool(self):
+        """Register the zero-copy buffer pool (once)."""
+        if self._pool_ready:
+            return
+        count, size = self._buffers_spec
+        ret = self._core.pool(count, size)
+        if ret < 0:
+            err = -ret
+            if err != errno.ENOMEM:
+                raise OSError(err, f"io_uring_register_buffers ({count} x {size} bytes): {os.strerror(err)}")
+            from .errors import memlock_text
+            raise OSError(errno.ENOMEM, (
+                f"io_uring_register_buffers ({count} x {size} bytes): {os.strerror(errno.ENOMEM)}: "
+                f"registered buffers count against RLIMIT_MEMLOCK ({memlock_text()}); use "
+                "Ring(buffers=..., buffer_size=...) to register less, or raise the limit"))
+        self._pool_ready = True
+
+    def trace(self):
+        """Every CQE handled so far (``Ring(trace=True)``), oldest first, as ``TraceEntry``."""
+        return trace_entries(self)
+
+    def _core_trace(self):
+        if self._core is not None:
+            self._last_trace = self._core.trace()
+        return getattr(self, "_last_trace", [])
+
+
+def _file_fd_of(file):
+    fd = getattr(file, "fileno", lambda: None)()
+    if not isinstance(fd, int) or isinstance(fd, bool):
+        raise TypeError(f"file must be a path, a file object or a file descriptor, not {type(file).__name__}")
+    return fd
+
+
+def _start_failed(core, file, fd, offset):
+    """Raise what the engine's refusal to start a transfer means."""
+    why, err, size = core.start_error()
+    if why == ll.START_DIR:
+        raise IsADirectoryError(errno.EISDIR, f"sendfile: {file!r} is a directory")
+    if why == ll.START_NOT_REGULAR:
+        raise OSError(errno.EINVAL, f"sendfile: fd {fd} is not a regular file")
+    if why == ll.START_OFFSET:
+        raise ValueError(f"offset {offset} is past the end of the file ({size} bytes)")
+    if why == ll.START_FSTAT:
+        raise OSError(err, f"sendfile: file fd {fd}: {os.strerror(err)}")
+    raise OSError(err, f"sendfile: {os.strerror(err)}")
