@@ -731,17 +731,16 @@ static void pump(struct us_core *c, struct xfer *x)
     x->mark_header = x->pub.header_sent;
 }
 
+/* Pump the transfers readied so far. One readied again (no SQ room) waits for the next round; a
+ * pump may settle and free its transfer, so nothing is read from it afterwards. */
 static void pump_ready(struct us_core *c)
 {
-    while (c->ready_head) {
-        struct xfer *x = c->ready_head;
-        c->ready_head = x->next_ready;
-        if (!c->ready_head)
-            c->ready_tail = NULL;
+    struct xfer *x = c->ready_head, *next;
+    c->ready_head = c->ready_tail = NULL;
+    for (; x; x = next) {
+        next = x->next_ready;
         x->in_ready = 0;
         pump(c, x);
-        if (x->in_ready)
-            break;  /* no SQ room: try again on the next us_run */
     }
 }
 
@@ -1377,10 +1376,17 @@ uint64_t us_core_idle_pipe_bytes(struct us_core *c)
     return total;
 }
 
-/* Operations the kernel still owes a CQE for, of transfers or raw. */
+/* Changes (watched transfers, raw CQEs) that wait for the next us_run to hand them out. */
+unsigned us_core_changes_pending(struct us_core *c)
+{
+    return (c->change_head ? 1 : 0) + (c->raw_n - c->raw_head);
+}
+
+/* Work left: operations the kernel still owes a CQE for (transfers' or raw), and transfers ready
+ * to be advanced by the next us_run. 0: nothing can change without a new transfer. */
 unsigned us_core_busy(struct us_core *c)
 {
-    return (unsigned)(c->st.ops_in_flight + c->st.pending_notifs);
+    return (unsigned)(c->st.ops_in_flight + c->st.pending_notifs) + (c->ready_head ? 1 : 0);
 }
 
 static int dup_fd(int fd)
@@ -1560,6 +1566,8 @@ go:
     if (io_uring_cq_ready(&c->ring))
         reap_visible(c);
     pump_ready(c);
+    if (c->urgent)
+        submit(c);  /* e.g. emptying the slots of a transfer that just ended */
     x->starting = 0;
     return &x->pub;
 }
@@ -1672,6 +1680,8 @@ int us_run(struct us_core *c, unsigned wait_nr, int64_t timeout_ns, int ack)
         }
         break;
     }
+    if (c->urgent && ret >= 0)
+        submit(c);  /* a transfer that ended has its slots emptied before the caller sees it done */
     /* Hand out the batch. Without ack the caller did not get to handle the last one (a signal
      * handler raised between this call and its dispatch): it is handed out again, first. */
     if (ack)
@@ -1786,7 +1796,7 @@ int us_core_close(struct us_core *c)
     if (c->closed)
         return 0;
     c->closed = 1;
-    busy = us_core_busy(c);
+    busy = (unsigned)(c->st.ops_in_flight + c->st.pending_notifs);
     io_uring_queue_exit(&c->ring);
     while (c->idle_pipes) {
         struct pipe *p = c->idle_pipes;
@@ -2258,6 +2268,8 @@ int us_tee(struct us_core *c, int file_fd, const int *socks, unsigned n, int64_t
     if (io_uring_cq_ready(&c->ring))
         reap_visible(c);
     pump_ready(c);
+    if (c->urgent)
+        submit(c);
     return 0;
 fail_errno:
     err = -errno;

@@ -169,6 +169,7 @@ int us_core_iowq_max_workers(struct us_core *c, unsigned bounded, unsigned unbou
 int us_core_pool(struct us_core *c, uint32_t count, uint32_t size);
 uint64_t us_core_pool_address(struct us_core *c, uint32_t index);
 unsigned us_core_busy(struct us_core *c);
+unsigned us_core_changes_pending(struct us_core *c);
 uint64_t us_core_idle_pipe_bytes(struct us_core *c);
 int us_core_close(struct us_core *c);
 void us_core_free(struct us_core *c);

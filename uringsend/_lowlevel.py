@@ -151,6 +151,10 @@ class Core:
         """Bytes left in the engine's idle pipes (a test hook: it is always 0)."""
         return lib.us_core_idle_pipe_bytes(self.ptr)
 
+    def changes_pending(self):
+        """Changes the engine holds for the next run (found while starting another transfer)."""
+        return lib.us_core_changes_pending(self.ptr)
+
     def busy(self):
         """Operations the kernel still owes a CQE for."""
         return lib.us_core_busy(self.ptr)

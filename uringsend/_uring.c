@@ -888,6 +888,44 @@ _cffi_f_us_core_changes(PyObject *self, PyObject *arg0)
 #  define _cffi_f_us_core_changes _cffi_d_us_core_changes
 #endif
 
+static unsigned int _cffi_d_us_core_changes_pending(struct us_core * x0)
+{
+  return us_core_changes_pending(x0);
+}
+#ifndef PYPY_VERSION
+static PyObject *
+_cffi_f_us_core_changes_pending(PyObject *self, PyObject *arg0)
+{
+  struct us_core * x0;
+  Py_ssize_t datasize;
+  struct _cffi_freeme_s *large_args_free = NULL;
+  unsigned int result;
+  PyObject *pyresult;
+
+  datasize = _cffi_prepare_pointer_call_argument(
+      _cffi_type(1), arg0, (char **)&x0);
+  if (datasize != 0) {
+    x0 = ((size_t)datasize) <= 640 ? (struct us_core *)alloca((size_t)datasize) : NULL;
+    if (_cffi_convert_array_argument(_cffi_type(1), arg0, (char **)&x0,
+            datasize, &large_args_free) < 0)
+      return NULL;
+  }
+
+  Py_BEGIN_ALLOW_THREADS
+  _cffi_restore_errno();
+  { result = us_core_changes_pending(x0); }
+  _cffi_save_errno();
+  Py_END_ALLOW_THREADS
+
+  (void)self; /* unused */
+  pyresult = _cffi_from_c_int(result, unsigned int);
+  if (large_args_free != NULL) _cffi_free_array_arguments(large_args_free);
+  return pyresult;
+}
+#else
+#  define _cffi_f_us_core_changes_pending _cffi_d_us_core_changes_pending
+#endif
+
 static int _cffi_d_us_core_close(struct us_core * x0)
 {
   return us_core_close(x0);
@@ -2748,6 +2786,7 @@ static const struct _cffi_global_s _cffi_globals[] = {
   { "us_cancel_all", (void *)_cffi_f_us_cancel_all, _CFFI_OP(_CFFI_OP_CPYTHON_BLTN_O, 88), (void *)_cffi_d_us_cancel_all },
   { "us_core_busy", (void *)_cffi_f_us_core_busy, _CFFI_OP(_CFFI_OP_CPYTHON_BLTN_O, 81), (void *)_cffi_d_us_core_busy },
   { "us_core_changes", (void *)_cffi_f_us_core_changes, _CFFI_OP(_CFFI_OP_CPYTHON_BLTN_O, 50), (void *)_cffi_d_us_core_changes },
+  { "us_core_changes_pending", (void *)_cffi_f_us_core_changes_pending, _CFFI_OP(_CFFI_OP_CPYTHON_BLTN_O, 81), (void *)_cffi_d_us_core_changes_pending },
   { "us_core_close", (void *)_cffi_f_us_core_close, _CFFI_OP(_CFFI_OP_CPYTHON_BLTN_O, 0), (void *)_cffi_d_us_core_close },
   { "us_core_configure", (void *)_cffi_f_us_core_configure, _CFFI_OP(_CFFI_OP_CPYTHON_BLTN_V, 95), (void *)_cffi_d_us_core_configure },
   { "us_core_cq_entries", (void *)_cffi_f_us_core_cq_entries, _CFFI_OP(_CFFI_OP_CPYTHON_BLTN_O, 81), (void *)_cffi_d_us_core_cq_entries },
@@ -3027,7 +3066,7 @@ static const struct _cffi_type_context_s _cffi_type_context = {
   _cffi_struct_unions,
   NULL,  /* no enums */
   NULL,  /* no typenames */
-  79,  /* num_globals */
+  80,  /* num_globals */
   7,  /* num_struct_unions */
   0,  /* num_enums */
   0,  /* num_typenames */

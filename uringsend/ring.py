@@ -326,6 +326,8 @@ class Ring:
             self._drive(self._idle, timeout)
         except (TimeoutError, RuntimeError):
             pass  # what is still referenced is kept alive below
+        if core.changes_pending():
+            self._flush_changes()  # on_release callbacks still due
         held = core.close()
         self._core = None
         if held or len(self.ledger):
@@ -353,6 +355,8 @@ class Ring:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if until():
+                if core.changes_pending():
+                    self._flush_changes()
                 return
             if deadline is None:
                 ns = WAIT_SLICE_NS
@@ -372,6 +376,15 @@ class Ring:
             elif not until() and not core.busy():
                 raise RuntimeError("uringsend: nothing is in flight, yet the wait cannot end "
                                    f"({self.statistics()})")
+
+    def _flush_changes(self):
+        """Hand out what the engine found while starting transfers (releases of watched ones)."""
+        try:
+            n = self._core.run(0, 0)
+        except InterruptedError:
+            return  # handed out by the next run
+        if n:
+            self._dispatch(n)
 
     def _dispatch(self, n):
         """Route one batch of changes: raw CQEs to their ops' owners, transfer changes to the

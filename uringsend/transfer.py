@@ -171,6 +171,8 @@ class Transfer:
         x = self._x
         if not x.done:
             self.ring._drive(lambda: x.done, timeout)
+        if self.on_release is not None:
+            self._released()  # releases found while the ring ran for other transfers
         if self._callback_error is not None:
             raise self._callback_error
         if x.error:
@@ -186,6 +188,8 @@ class Transfer:
         x = self._x
         if not x.settled:
             self.ring._drive(lambda: x.settled, timeout)
+        if self.on_release is not None:
+            self._released()
         if self._callback_error is not None:
             raise self._callback_error
         if x.error:
