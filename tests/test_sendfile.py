@@ -475,3 +475,63 @@ def test_large_file_rss_stays_bounded(mode, make_file, tcp):
     reader.join(60)
     assert digest.hexdigest() == sha(data)
     assert (max(peak) - base) <= 24 << 20, f"RSS grew {(max(peak) - base) >> 20} MiB"
+
+
+def test_a_small_transfer_costs_one_enter_and_no_fd(make_file, tcp):
+    """A 4 KiB copy transfer to a socket with room: its FILES_UPDATE, SEND and the FILES_UPDATE
+    that empties the slot go in one submission and complete inside sendfile(), so waiting costs no
+    further io_uring_enter; no fd is duplicated per transfer (the file's mapping, made by the first
+    one and cached, holds the only descriptor the ring adds)."""
+    path, data = make_file(4096)
+    client, peer = tcp
+    with open(path, "rb") as f, uringsend.Ring() as ring:
+        rx = Receiver(peer)
+        assert ring.sendfile(client, f, mode="copy").wait_released(5) == len(data)
+        fds = len(os.listdir("/proc/self/fd"))
+        before = ring.statistics()
+        for _ in range(50):
+            t = ring.sendfile(client, f, mode="copy")
+            assert t.done and t.settled  # completed inside sendfile()
+            assert t.wait_released(0) == len(data)
+        after = ring.statistics()
+        assert after["enters"] - before["enters"] == 50
+        assert after["fds_duplicated"] == 0 and after["fixed_files"] > 0
+        assert len(os.listdir("/proc/self/fd")) == fds
+        client.shutdown(socket.SHUT_WR)
+        assert rx.join() == data * 51
+
+
+def test_the_blocking_one_liner_reuses_a_ring_per_thread(make_file, tcp):
+    """uringsend.sendfile() keeps one ring per thread: no ring is set up per call, and the ring
+    of a thread that ended is closed (its fd is gone)."""
+    path, data = make_file(10_000)
+    client, peer = tcp
+    rx = Receiver(peer)
+    rings = []
+
+    def rings_open():
+        n = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                n += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[io_uring]"
+            except OSError:
+                pass  # listdir's own descriptor, closed by now
+        return n
+
+    base = rings_open()
+    for _ in range(20):
+        assert uringsend.sendfile(client, path).sent == len(data)
+    assert rings_open() == base + 1
+
+    def other_thread():
+        rings.append(uringsend.sendfile(client, path).sent)
+
+    th = threading.Thread(target=other_thread)
+    th.start()
+    th.join()
+    assert rings == [len(data)]
+    import gc
+    gc.collect()
+    assert rings_open() == base + 1  # the other thread's ring went with its thread
+    client.shutdown(socket.SHUT_WR)
+    assert rx.join() == data * 21
