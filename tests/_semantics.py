@@ -2,65 +2,7 @@
 waits, sockets that cannot take a byte, io-wq worker counts, a bare syscall ring, and read-only
 views of a Ring's own SQ, CQ and SQE array.
 
-Rule (SEMANTICS.md) -> test:
-  headers  test_semantics_links.py::test_constants_newer_than_liburing_2_3
-           test_semantics_links.py::test_extension_links_liburing_statically
-  1        test_semantics_links.py::test_short_file_to_pipe_splice_breaks_the_link_and_strands_bytes
-           test_semantics_links.py::test_splice_at_eof_and_short_tee_break_the_link
-           test_semantics_splice.py::test_splice_engine_never_asks_more_than_the_pipe_holds
-  2        test_semantics_links.py::test_short_send_without_waitall_keeps_the_link
-           test_semantics_links.py::test_send_with_waitall_breaks_the_link_only_when_cut_short
-           test_semantics_links.py::test_engines_send_with_waitall_and_never_hardlink
-  3        test_semantics_links.py::test_hardlink_runs_a_splice_after_eof_and_it_blocks
-  4        test_semantics_links.py::test_chain_ends_at_a_submission_boundary
-           test_semantics_links.py::test_prep_failure_inside_a_chain_cancels_every_member
-           test_semantics_links.py::test_raw_prep_takes_whole_chains_only
-           test_semantics_links.py::test_raw_prep_longer_than_the_sq_still_stops_at_a_chain_boundary
-
-  5        test_semantics_splice.py::test_splice_always_runs_in_an_io_wq_worker
-           test_semantics_splice.py::test_each_blocked_splice_holds_a_worker_up_to_max_workers
-  6        test_semantics_splice.py::test_nonblocking_splice_completes_with_a_literal_eagain
-           test_semantics_splice.py::test_splice_engine_rearms_with_poll_after_eagain
-  7        test_semantics_splice.py::test_splice_offsets
-           test_semantics_splice.py::test_sendfile_leaves_the_file_position_alone
-  8        test_semantics_splice.py::test_cancelling_a_running_splice_leaks_erestartsys
-           test_semantics_splice.py::test_splice_engine_counts_bytes_a_cancel_strands
-  9        test_semantics_splice.py::test_pipe_sizes_round_up_and_stop_at_pipe_max_size
-           test_semantics_splice.py::test_new_pipes_shrink_past_pipe_user_pages_soft
-  10       test_semantics_splice.py::test_splice_is_a_mapping_later_writes_reach_the_peer
-  11       test_semantics_send_zc.py::test_send_zc_error_still_gets_f_more_and_a_notif
-           test_semantics_send_zc.py::test_send_zc_result_f_more_then_notif_same_user_data
-  12       test_semantics_send_zc.py::test_link_cancelled_send_zc_has_no_f_more_yet_a_notif
-  13       test_semantics_send_zc.py::test_notifs_arrive_out_of_submission_order
-  14       test_semantics_send_zc.py::test_notif_waits_for_the_peer_shutdown_does_not_release
-           test_semantics_send_zc.py::test_peer_close_with_unread_data_resets_and_releases
-           test_semantics_send_zc.py::test_buffer_changed_before_the_notif_changes_what_the_peer_gets
-  15       test_semantics_send_zc.py::test_report_usage_notif_res_is_a_flag_word
-  16       test_semantics_send_zc.py::test_send_zc_fixed_bad_index_or_range_is_efault
-           (RLIMIT_MEMLOCK: tests/test_reliability_*.py)
-  17       test_semantics_send_zc.py::test_cqe_skip_success_on_send_zc_is_einval_without_notif
-  18       test_semantics_lifetime.py::test_queue_exit_returns_at_once_and_the_kernel_keeps_the_pages
-  19       test_semantics_lifetime.py::test_thread_exit_cancels_its_io_wq_splices
-  20       test_semantics_lifetime.py::test_cq_overflow_stays_invisible_until_getevents
-  21       test_semantics_lifetime.py::test_closed_socket_stays_open_while_a_request_holds_it
-           test_semantics_lifetime.py::test_transfer_never_writes_to_a_reused_socket_fd_number
-
-  (a)      test_semantics_links.py::test_cancel_of_a_link_member_not_yet_issued_is_enoent
-           test_semantics_lifetime.py::test_defer_taskrun_issues_the_next_link_member_on_getevents
-           test_semantics_lifetime.py::test_ring_submit_runs_deferred_link_members
-  (b)      test_semantics_links.py::test_send_with_waitall_breaks_the_link_only_when_cut_short
-  (c)      test_semantics_splice.py::test_send_on_a_full_nonblocking_socket_is_poll_retried
-  (d)      test_semantics_send_zc.py::test_send_zc_error_still_gets_f_more_and_a_notif[EOPNOTSUPP]
-           test_semantics_send_zc.py::test_send_zc_on_unix_falls_back_to_copying_sends
-  (e)      test_semantics_splice.py::test_unaligned_file_to_pipe_splice_needs_one_page_more
-           test_semantics_splice.py::test_splice_engine_never_asks_more_than_the_pipe_holds
-
-Where this kernel does not do what SEMANTICS.md says, the test asserts what it does:
-  9   F_SETPIPE_SZ rounds up to a power of two pages (12289 bytes -> 16 KiB), not just to pages.
-  14  a peer's plain close() with unread bytes answers with an RST, which releases at once; FINs
-      (either side's shutdown(SHUT_WR)) do not release.
-  15  a SEND_ZC that sent nothing (it failed) also gets ZC_COPIED in its NOTIF.
-  19  only a queued splice completes -ECANCELED when its thread exits; a running one -ERESTARTSYS.
+Which test shows which fact: docs/kernel-facts.md, under each fact.
 """
 import array
 import ctypes

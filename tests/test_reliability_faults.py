@@ -45,7 +45,7 @@ def notifs_per_op(trace):
     return due
 
 
-# ---- 1. a short splice at the end of the file breaks the chain (SEMANTICS rule 1) ------------
+# ---- 1. a short splice at the end of the file breaks the chain (kernel fact 1) ------------
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("cut", [2 * CHUNK, CHUNK + 100_000], ids=["at-chunk", "mid-chunk"])
 def test_file_truncated_under_a_chain_ends_short_with_exact_bytes(mode, cut, make_file):
@@ -345,7 +345,7 @@ def test_cancel_racing_completion_has_one_outcome_10k(make_file):
     _cancel_race(10_000, make_file)
 
 
-# ---- 5. the orphan notification of a link-cancelled SEND_ZC (SEMANTICS rule 12) ---------------
+# ---- 5. the orphan notification of a link-cancelled SEND_ZC (kernel fact 12) ---------------
 def test_link_cancelled_send_zc_keeps_its_buffer_until_its_notif(make_file, tcp, monkeypatch):
     """READ_FIXED fails (the fd is write-only), so its linked SEND_ZC completes -ECANCELED
     without F_MORE, and a NOTIF follows anyway. The only buffer must stay out of the pool until

@@ -156,7 +156,7 @@ def test_foreign_thread_gets_ring_owner_error_promptly(make_file):
     assert sha(got) == sha(data)
 
 
-# ---- 14. closing a ring with notifications pending (SEMANTICS rule 18) -------------------------
+# ---- 14. closing a ring with notifications pending (kernel fact 18) -------------------------
 @pytest.mark.parametrize("mode", ["zerocopy", "mmap"])
 def test_close_with_notifs_pending_keeps_memory_and_never_sends_stale_bytes(mode, make_file):
     path1, data1 = make_file(2 << 20, "first.bin")

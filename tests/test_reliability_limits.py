@@ -28,7 +28,7 @@ def read_exactly(sock, n):
     return bytes(buf)
 
 
-# ---- 6. CQ overflow (SEMANTICS rule 20) -------------------------------------------------------
+# ---- 6. CQ overflow (kernel fact 20) -------------------------------------------------------
 def _stuff(sock):
     """Send until the socket takes no more right now; returns the bytes it took."""
     n = 0
@@ -92,7 +92,7 @@ def test_cq_overflow_delivers_every_completion(make_file):
             peer.close()
 
 
-# ---- 7. SQ full: chains wait, whole, for a submission to make room (SEMANTICS rule 4) ----------
+# ---- 7. SQ full: chains wait, whole, for a submission to make room (kernel fact 4) ----------
 @pytest.mark.parametrize("entries", [8, 16])
 def test_small_sq_queues_whole_chains_and_drains(entries, make_file):
     """A ring of 8 (or 16) SQ entries, 24 transfers of every mode, some with a header, each file
@@ -156,7 +156,7 @@ def test_eventfd_announces_every_completion_to_a_one_poll_per_wake_loop(make_fil
         os.close(efd)
 
 
-# ---- 8. RLIMIT_MEMLOCK for an unprivileged user (SEMANTICS rule 16) ----------------------------
+# ---- 8. RLIMIT_MEMLOCK for an unprivileged user (docs/kernel-facts.md, fact 16) ----------------------------
 MEMLOCK = 64 << 10
 
 
@@ -246,7 +246,7 @@ def test_memlock_zerocopy_mode_cannot_register_its_pool_and_says_so():
     assert out["after"] == 4 << 20 and out["after_ok"], out
 
 
-# ---- 9. an unprivileged user's pipes (SEMANTICS rule 9) -----------------------------------------
+# ---- 9. an unprivileged user's pipes (kernel fact 9) -----------------------------------------
 SPAN = 256 << 10
 
 

@@ -1,4 +1,4 @@
-"""Kernel facts about ring and request lifetime (SEMANTICS.md rules 18-21, and (a)), checked on the
+"""Kernel facts about ring and request lifetime (docs/kernel-facts.md, facts 18-22), checked on the
 real kernel, at the raw syscall level where liburing's helpers would hide the fact.
 
 18   test_queue_exit_returns_at_once_and_the_kernel_keeps_the_pages
@@ -6,7 +6,7 @@ real kernel, at the raw syscall level where liburing's helpers would hide the fa
 20   test_cq_overflow_stays_invisible_until_getevents
 21   test_closed_socket_stays_open_while_a_request_holds_it,
      test_transfer_never_writes_to_a_reused_socket_fd_number
-(a)  test_defer_taskrun_issues_the_next_link_member_on_getevents,
+22  test_defer_taskrun_issues_the_next_link_member_on_getevents,
      test_ring_submit_runs_deferred_link_members
 """
 import errno
@@ -28,7 +28,7 @@ LINK = ll.IOSQE_IO_LINK
 GETEVENTS = SyscallRing.ENTER_GETEVENTS
 
 
-# ---- rule 18: io_uring_queue_exit does not wait for NOTIFs ----------------------------------------
+# ---- fact 18: io_uring_queue_exit does not wait for NOTIFs ----------------------------------------
 def _raw_changes(core, want, timeout_ns=5_000_000_000):
     """Run a bare engine (``ll.Core``) until ``want`` raw CQEs came: [(user_data, res, flags)]."""
     got = []
@@ -68,7 +68,7 @@ def test_queue_exit_returns_at_once_and_the_kernel_keeps_the_pages():
         peer.close()
 
 
-# ---- rule 19: a thread's requests die with it ----------------------------------------------------------
+# ---- fact 19: a thread's requests die with it ----------------------------------------------------------
 def test_thread_exit_cancels_its_io_wq_splices():
     """The ring is made without SINGLE_ISSUER so that this thread can reap after the submitter exits.
     With one worker allowed, one splice is running (blocked on an empty pipe) and one is queued."""
@@ -92,7 +92,7 @@ def test_thread_exit_cancels_its_io_wq_splices():
         assert box["early"] == []  # both were pending while their thread lived
         got = _raw_changes(core, 2)
         first, second = box["user_data"]
-        # SEMANTICS.md says -ECANCELED: that is the queued one; the running one leaks -ERESTARTSYS.
+        # only the queued one completes -ECANCELED; the running one leaks -ERESTARTSYS (fact 19).
         assert sorted(got) == [(first, -ERESTARTSYS, 0), (second, -errno.ECANCELED, 0)]
     finally:
         if "core" in box:
@@ -103,7 +103,7 @@ def test_thread_exit_cancels_its_io_wq_splices():
         b.close()
 
 
-# ---- rule 20: CQ overflow --------------------------------------------------------------------------------
+# ---- fact 20: CQ overflow --------------------------------------------------------------------------------
 def test_cq_overflow_stays_invisible_until_getevents():
     with SyscallRing(4, cq_entries=8) as ring:
         assert (ring.sq_entries, ring.cq_entries) == (4, 8)
@@ -121,7 +121,7 @@ def test_cq_overflow_stays_invisible_until_getevents():
         assert ring.reap() == [(ud, 0, 0) for ud in range(8, 16)]
 
 
-# ---- rule 21: a closed socket lives on while a request holds it ----------------------------------------
+# ---- fact 21: a closed socket lives on while a request holds it ----------------------------------------
 def test_closed_socket_stays_open_while_a_request_holds_it():
     client, peer = tcp_pair()
     rec = Recorder()
@@ -174,7 +174,7 @@ def test_transfer_never_writes_to_a_reused_socket_fd_number(make_file):
             s.close()
 
 
-# ---- (a): with DEFER_TASKRUN the next link member runs only when the task enters with GETEVENTS -----
+# ---- fact 22: with DEFER_TASKRUN the next link member runs only when the task enters with GETEVENTS -----
 def test_defer_taskrun_issues_the_next_link_member_on_getevents():
     flags = ll.SETUP_FLAGS["SINGLE_ISSUER"] | ll.SETUP_FLAGS["DEFER_TASKRUN"]
     a, b = socket.socketpair()

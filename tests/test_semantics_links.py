@@ -1,17 +1,17 @@
-"""Kernel facts about headers and linked chains (SEMANTICS.md "Headers", rules 1-4, and (a), (b)),
+"""Kernel facts about headers and linked chains (docs/kernel-facts.md, facts 0-4 and 24),
 checked at the raw op level on the real kernel, then in the engines that rely on them.
 
 headers  test_constants_newer_than_liburing_2_3, test_extension_links_liburing_statically
 1        test_short_file_to_pipe_splice_breaks_the_link_and_strands_bytes,
          test_splice_at_eof_and_short_tee_break_the_link
-2, (b)   test_short_send_without_waitall_keeps_the_link,
+2   test_short_send_without_waitall_keeps_the_link,
          test_send_with_waitall_breaks_the_link_only_when_cut_short,
          test_engines_send_with_waitall_and_never_hardlink
 3        test_hardlink_runs_a_splice_after_eof_and_it_blocks
 4        test_chain_ends_at_a_submission_boundary, test_prep_failure_inside_a_chain_cancels_every_member,
          test_raw_prep_takes_whole_chains_only,
          test_raw_prep_longer_than_the_sq_still_stops_at_a_chain_boundary
-(a)      test_cancel_of_a_link_member_not_yet_issued_is_enoent
+24       test_cancel_of_a_link_member_not_yet_issued_is_enoent
 """
 import errno
 import os
@@ -48,7 +48,7 @@ def test_extension_links_liburing_statically():
     assert "liburing" not in maps  # no liburing.so mapped: prep/reap helpers live in the extension
 
 
-# ---- rule 1: SPLICE/TEE fail the link when res != len -----------------------------------------
+# ---- fact 1: SPLICE/TEE fail the link when res != len -----------------------------------------
 def test_short_file_to_pipe_splice_breaks_the_link_and_strands_bytes(make_file):
     path, data = make_file(200_000)
     rec = Recorder()
@@ -92,7 +92,7 @@ def test_splice_at_eof_and_short_tee_break_the_link(make_file):
             os.close(x)
 
 
-# ---- rule 2 and (b): a short send breaks the link only with MSG_WAITALL --------------------------
+# ---- fact 2: a short send breaks the link only with MSG_WAITALL --------------------------
 def test_short_send_without_waitall_keeps_the_link():
     payload = os.urandom(4 << 20)
     pin = ll.Pinned(payload)
@@ -169,7 +169,7 @@ def test_engines_send_with_waitall_and_never_hardlink(make_file):
         assert all(f["op_flags"] & socket.MSG_WAITALL for f in sends), mode
 
 
-# ---- rule 3: IOSQE_IO_HARDLINK ignores results --------------------------------------------------
+# ---- fact 3: IOSQE_IO_HARDLINK ignores results --------------------------------------------------
 def test_hardlink_runs_a_splice_after_eof_and_it_blocks(make_file):
     path, _ = make_file(4096)
     rec = Recorder()
@@ -195,7 +195,7 @@ def test_hardlink_runs_a_splice_after_eof_and_it_blocks(make_file):
         b.close()
 
 
-# ---- rule 4: a chain ends at a submission boundary; a prep failure cancels the whole chain ------
+# ---- fact 4: a chain ends at a submission boundary; a prep failure cancels the whole chain ------
 def test_chain_ends_at_a_submission_boundary():
     rec = Recorder()
     r, w = os.pipe()
@@ -299,7 +299,7 @@ def test_raw_prep_longer_than_the_sq_still_stops_at_a_chain_boundary():
         os.close(w)
 
 
-# ---- (a): ASYNC_CANCEL finds only issued requests --------------------------------------------------
+# ---- fact 24: ASYNC_CANCEL finds only issued requests --------------------------------------------------
 def test_cancel_of_a_link_member_not_yet_issued_is_enoent():
     rec = Recorder()
     a, b = unix_pair()

@@ -1,7 +1,7 @@
-"""Kernel facts about SEND_ZC (SEMANTICS.md rules 11-17, and (d)), checked at the raw op level on the
+"""Kernel facts about SEND_ZC (docs/kernel-facts.md, facts 11-17), checked at the raw op level on the
 real kernel through the ledger that relies on them (it routes each NOTIF to its op's owner).
 
-11, (d)  test_send_zc_result_f_more_then_notif_same_user_data,
+11  test_send_zc_result_f_more_then_notif_same_user_data,
          test_send_zc_error_still_gets_f_more_and_a_notif[*], test_send_zc_on_unix_falls_back_to_copying_sends
 12       test_link_cancelled_send_zc_has_no_f_more_yet_a_notif
 13       test_notifs_arrive_out_of_submission_order
@@ -34,7 +34,7 @@ def released_ops(rec):
     return [op for op, _ in rec.released]
 
 
-# ---- rule 11: F_MORE, then a NOTIF with the same user_data, also after errors ------------------------
+# ---- fact 11: F_MORE, then a NOTIF with the same user_data, also after errors ------------------------
 def test_send_zc_result_f_more_then_notif_same_user_data(tcp):
     client, peer = tcp
     payload = os.urandom(65536)
@@ -130,7 +130,7 @@ def test_send_zc_on_unix_falls_back_to_copying_sends(mode, make_file):
         b.close()
 
 
-# ---- rule 12: a link-cancelled SEND_ZC: -ECANCELED without F_MORE, and still a NOTIF -------------------
+# ---- fact 12: a link-cancelled SEND_ZC: -ECANCELED without F_MORE, and still a NOTIF -------------------
 def test_link_cancelled_send_zc_has_no_f_more_yet_a_notif(tcp):
     client, _ = tcp
     payload = os.urandom(1000)
@@ -159,7 +159,7 @@ def test_link_cancelled_send_zc_has_no_f_more_yet_a_notif(tcp):
         os.close(w)
 
 
-# ---- rule 13: NOTIFs come out of submission order across sockets -------------------------------------
+# ---- fact 13: NOTIFs come out of submission order across sockets -------------------------------------
 def test_notifs_arrive_out_of_submission_order():
     payload = os.urandom(BACKLOG)
     pin = ll.Pinned(payload)
@@ -190,7 +190,7 @@ def test_notifs_arrive_out_of_submission_order():
             s.close()
 
 
-# ---- rule 14: the NOTIF waits for the peer, however long ----------------------------------------------
+# ---- fact 14: the NOTIF waits for the peer, however long ----------------------------------------------
 def test_notif_waits_for_the_peer_shutdown_does_not_release():
     """Neither side's shutdown(SHUT_WR) (a FIN) releases: the pages wait for the peer to read, or
     for an RST. (A peer's SHUT_RD is answered with an RST once more data reaches it, which releases,
@@ -218,7 +218,7 @@ def test_notif_waits_for_the_peer_shutdown_does_not_release():
 
 
 def test_peer_close_with_unread_data_resets_and_releases():
-    """SEMANTICS.md says a plain close() did not release; here a peer closing with unread bytes in
+    """A plain close() is not what releases; here a peer closing with unread bytes in
     its receive queue answers with an RST (RFC 2525), which releases at once."""
     payload = os.urandom(BACKLOG)
     pin = ll.Pinned(payload)
@@ -263,7 +263,7 @@ def test_buffer_changed_before_the_notif_changes_what_the_peer_gets():
         peer.close()
 
 
-# ---- rule 15: with REPORT_USAGE the NOTIF's res is a flag word ----------------------------------------
+# ---- fact 15: with REPORT_USAGE the NOTIF's res is a flag word ----------------------------------------
 def test_report_usage_notif_res_is_a_flag_word(tcp, make_file):
     client, peer = tcp
     payload = os.urandom(65536)
@@ -312,7 +312,7 @@ def test_report_usage_notif_res_is_a_flag_word(tcp, make_file):
         peer2.close()
 
 
-# ---- rule 16: a registered buffer out of range or a bad index is -EFAULT --------------------------------
+# ---- fact 16: a registered buffer out of range or a bad index is -EFAULT --------------------------------
 def test_send_zc_fixed_bad_index_or_range_is_efault(tcp):
     client, peer = tcp
     rec = Recorder()
@@ -336,7 +336,7 @@ def test_send_zc_fixed_bad_index_or_range_is_efault(tcp):
     assert rx.join() == b"y" * 100
 
 
-# ---- rule 17: IOSQE_CQE_SKIP_SUCCESS on SEND_ZC is -EINVAL, and no NOTIF ---------------------------------
+# ---- fact 17: IOSQE_CQE_SKIP_SUCCESS on SEND_ZC is -EINVAL, and no NOTIF ---------------------------------
 def test_cqe_skip_success_on_send_zc_is_einval_without_notif(tcp):
     client, peer = tcp
     payload = os.urandom(100)

@@ -1,16 +1,16 @@
-"""Kernel facts about SPLICE (SEMANTICS.md rules 5-10, and (c), (e)), checked at the raw op level on
+"""Kernel facts about SPLICE (docs/kernel-facts.md, facts 5-10 and 26), checked at the raw op level on
 the real kernel, then in the engine that relies on them.
 
 5        test_splice_always_runs_in_an_io_wq_worker,
          test_each_blocked_splice_holds_a_worker_up_to_max_workers
-6, (c)   test_nonblocking_splice_completes_with_a_literal_eagain,
+6, 26   test_nonblocking_splice_completes_with_a_literal_eagain,
          test_send_on_a_full_nonblocking_socket_is_poll_retried,
          test_splice_engine_rearms_with_poll_after_eagain
 7        test_splice_offsets, test_sendfile_leaves_the_file_position_alone
 8        test_cancelling_a_running_splice_leaks_erestartsys, test_splice_engine_counts_bytes_a_cancel_strands
 9        test_pipe_sizes_round_up_and_stop_at_pipe_max_size, test_new_pipes_shrink_past_pipe_user_pages_soft
 10       test_splice_is_a_mapping_later_writes_reach_the_peer
-(e), 1   test_unaligned_file_to_pipe_splice_needs_one_page_more,
+9, 1   test_unaligned_file_to_pipe_splice_needs_one_page_more,
          test_splice_engine_never_asks_more_than_the_pipe_holds
 """
 import errno
@@ -34,7 +34,7 @@ from _semantics import (ERESTARTSYS, F_MORE, F_NOTIF, PAGE, SPLICE_F_NONBLOCK, R
 CAP_SYS_RESOURCE = 24
 
 
-# ---- rule 5: SPLICE always runs in an io-wq worker; each blocked one holds a worker -------------
+# ---- fact 5: SPLICE always runs in an io-wq worker; each blocked one holds a worker -------------
 def _workers_for_inline_ops_and_one_splice(path):
     tid = threading.get_native_id()  # a new thread: no io-wq workers yet
     rec = Recorder()
@@ -97,7 +97,7 @@ def test_each_blocked_splice_holds_a_worker_up_to_max_workers(max_workers, expec
     assert results == [0] * 6
 
 
-# ---- rule 6 and (c): SPLICE gives a literal -EAGAIN; SEND is poll-retried ------------------------
+# ---- fact 6 and 26: SPLICE gives a literal -EAGAIN; SEND is poll-retried ------------------------
 def test_nonblocking_splice_completes_with_a_literal_eagain():
     rec = Recorder()
     r, w = os.pipe()
@@ -185,7 +185,7 @@ def test_splice_engine_rearms_with_poll_after_eagain(make_file):
         peer.close()
 
 
-# ---- rule 7: offsets ----------------------------------------------------------------------------
+# ---- fact 7: offsets ----------------------------------------------------------------------------
 def test_splice_offsets(make_file):
     path, data = make_file(4096)
     rec = Recorder()
@@ -234,7 +234,7 @@ def test_sendfile_leaves_the_file_position_alone(mode, make_file, tcp):
     assert rx.join() == data[1000:]
 
 
-# ---- rule 8: cancelling a running splice --------------------------------------------------------
+# ---- fact 8: cancelling a running splice --------------------------------------------------------
 def test_cancelling_a_running_splice_leaks_erestartsys():
     rec = Recorder()
     r, w = os.pipe()
@@ -287,7 +287,7 @@ def test_splice_engine_counts_bytes_a_cancel_strands(make_file):
         b.close()
 
 
-# ---- rule 9: pipe sizes -------------------------------------------------------------------------
+# ---- fact 9: pipe sizes -------------------------------------------------------------------------
 def _has_cap(bit):
     with open("/proc/self/status") as f:
         eff = next(line for line in f if line.startswith("CapEff:"))
@@ -377,7 +377,7 @@ def test_new_pipes_shrink_past_pipe_user_pages_soft():
                    "sent": 300_000, "capacity": 2 * PAGE, "delivered": True}
 
 
-# ---- rule 10: splice is a mapping, not a copy -----------------------------------------------------
+# ---- fact 10: splice is a mapping, not a copy -----------------------------------------------------
 def test_splice_is_a_mapping_later_writes_reach_the_peer(make_file):
     path, data = make_file(65536)
     rec = Recorder()
@@ -402,7 +402,7 @@ def test_splice_is_a_mapping_later_writes_reach_the_peer(make_file):
         peer.close()
 
 
-# ---- (e) and rule 1: a file->pipe splice fills at most one page per pipe slot ---------------------
+# ---- facts 9 and 1: a file->pipe splice fills at most one page per pipe slot ---------------------
 @pytest.mark.parametrize("offset", [0, PAGE, 100, PAGE - 1])
 def test_unaligned_file_to_pipe_splice_needs_one_page_more(offset, make_file):
     path, data = make_file(4 * 65536)

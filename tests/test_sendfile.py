@@ -145,7 +145,7 @@ def test_many_concurrent_transfers_on_one_ring(make_file):
 
 def test_splice_mode_sends_what_the_file_holds_when_the_peer_reads(make_file, tcp):
     """splice is a mapping: after wait() the bytes are only queued; writing the file now changes
-    what the peer receives (SEMANTICS rule 10)."""
+    what the peer receives (kernel fact 10)."""
     path, data = make_file(65536)
     client, peer = tcp
     with uringsend.Ring() as ring:

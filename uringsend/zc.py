@@ -1,4 +1,4 @@
-"""Accounting for pages pinned by zero-copy sends (SEMANTICS rule 16)."""
+"""Accounting for pages pinned by zero-copy sends (docs/kernel-facts.md, fact 16)."""
 import os
 import resource
 
