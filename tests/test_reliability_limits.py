@@ -93,11 +93,13 @@ def test_cq_overflow_delivers_every_completion(make_file):
 
 
 # ---- 7. SQ full: chains wait, whole, for a submission to make room (kernel fact 4) ----------
-@pytest.mark.parametrize("entries", [8, 16])
+@pytest.mark.parametrize("entries", [4, 8, 16])
 def test_small_sq_queues_whole_chains_and_drains(entries, make_file):
-    """A ring of 8 (or 16) SQ entries, 24 transfers of every mode, some with a header, each file
+    """A ring of 4, 8 or 16 SQ entries, 24 transfers of every mode, some with a header, each file
     several chunks long: a chain that finds too little SQ room waits, whole, for the SQEs already
-    prepared to be submitted; chains are never split, all data arrives."""
+    prepared to be submitted; chains are never split, all data arrives. With 4 entries a splice
+    chain with a header leaves no room for emptying the file slots at its tail: that happens in a
+    submission of its own when the transfer ends."""
     path, data = make_file(16 * 65536 + 999)  # several chains per transfer, even with 16 entries
     pairs = [tcp_pair() for _ in range(24)]
     sink = Sink([peer for _, peer in pairs])
