@@ -1,7 +1,10 @@
 """The ring and its ledger on the real kernel: round trips, links, SQ/CQ limits, close, errors."""
 import errno
 import os
+import resource
 import socket
+import threading
+import time
 import warnings
 
 import pytest
@@ -228,3 +231,50 @@ def test_a_batch_interrupted_before_its_dispatch_is_handed_out_again():
         assert raised and not rec.results  # the batch with the NOP's CQE was not handled
         drive(ring, lambda: rec.results)
         assert rec.results == [(op, 0)] and len(ring.ledger) == 0
+
+
+def test_more_changes_than_one_batch_are_all_handed_out(make_file):
+    """600 transfers with on_release callbacks whose completions all pile up before the ring is
+    driven (COOP_TASKRUN posts them while this thread only waits for its readers): the engine hands
+    changes out 256 at a time, and every callback must have run once the wait ends. (Before, the
+    changes past the second batch waited for a wake that never came: an event loop stalled.)"""
+    count = 600
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 4 * count:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is too low for {count} socket pairs")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4 * count), hard))
+    path, data = make_file(65536)
+    pairs = [socket.socketpair() for _ in range(count)]
+    released = []
+    coop = ll.SETUP_FLAGS["SUBMIT_ALL"] | ll.SETUP_FLAGS["COOP_TASKRUN"]
+    try:
+        with open(path, "rb") as f, uringsend.Ring(entries=1024, cq_entries=4096, setup_flags=coop) as ring:
+            for a, _ in pairs:
+                a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            ts = [ring.sendfile(a, f, mode="copy", on_release=released.append) for a, _ in pairs]
+            assert not all(t.done for t in ts)
+            got = [bytearray() for _ in pairs]
+            all_read = threading.Event()
+
+            def read_all():
+                for (_, b), buf in zip(pairs, got):
+                    while len(buf) < len(data):
+                        buf += b.recv(len(data) - len(buf))
+                all_read.set()
+
+            reader = threading.Thread(target=read_all, daemon=True)
+            reader.start()
+            # waiting on the event with a timeout returns to user space, where COOP_TASKRUN runs
+            # the kernel's task work: the sends finish and their CQEs pile up, unreaped
+            deadline = time.monotonic() + 30
+            while not all_read.wait(0.005):
+                assert time.monotonic() < deadline, "the readers did not get every byte"
+            ring.wait(ts, 30, released=True)
+            assert len(released) == count, len(released)
+            assert sum(e.nbytes for e in released) == count * len(data)
+        assert all(bytes(buf) == data for buf in got)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for a, b in pairs:
+            a.close()
+            b.close()

@@ -259,6 +259,8 @@ class Ring:
         n = self._core.run(1 if ns != 0 else 0, ns)
         if n:
             self._dispatch(n)
+        if self._core.changes_pending():
+            self._flush_changes()  # a batch holds at most 256 changes: hand out the rest now
         return st.completions + st.notifs + st.orphan_cqes - before
 
     def wait(self, transfers, timeout=None, released=False):
@@ -378,12 +380,16 @@ class Ring:
                                    f"({self.statistics()})")
 
     def _flush_changes(self):
-        """Hand out what the engine found while starting transfers (releases of watched ones)."""
-        try:
-            n = self._core.run(0, 0)
-        except InterruptedError:
-            return  # handed out by the next run
-        if n:
+        """Hand out every change the engine holds (found while starting transfers, or more than
+        one batch holds)."""
+        core = self._core
+        while core.changes_pending():
+            try:
+                n = core.run(0, 0)
+            except InterruptedError:
+                return  # handed out by the next run
+            if not n:
+                return
             self._dispatch(n)
 
     def _dispatch(self, n):
