@@ -26,6 +26,12 @@ def sanitized_extension():
 
 def pytest_configure(config):
     sanitized_extension()
+    # Tests start clients (curl, python) while a server thread runs in this process. A child made
+    # with vfork() runs in the parent's memory, sanitizer runtime included, until it execs; under
+    # ASan a curl child once hung for 60 s that way (seen once, not reproduced). fork() gives the
+    # child a copy of its own.
+    import subprocess
+    subprocess._USE_VFORK = False
 
 
 def pytest_report_header(config):
