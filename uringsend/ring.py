@@ -184,21 +184,16 @@ class Ring:
                 raise OSError(errno.EBADF, f"sendfile: socket {sock!r} is closed")
         else:
             sock_fd = _sock_fd(sock)
-        opened = -1
-        if type(file) is int:
-            file_fd = user_file = file
-        elif isinstance(file, (str, bytes, os.PathLike)):
-            file_fd = opened = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
-            user_file = None
-        else:
-            file_fd = user_file = _file_fd_of(file)
         if code == _ZEROCOPY and not self._pool_ready:
             self._buffer_pool()  # registering can fail (ENOMEM under RLIMIT_MEMLOCK): fail here
+        file_fd, user_file, opened = _file_fd(file)
         watch = on_release is not None
-        x = _us_start(self._ptr, code, sock_fd, file_fd, offset, -1 if count is None else count, header,
-                      len(header), watch)
-        if opened >= 0:
-            os.close(opened)  # the transfer installed, mapped or duplicated it already
+        try:
+            x = _us_start(self._ptr, code, sock_fd, file_fd, offset, -1 if count is None else count,
+                          header, len(header), watch)
+        finally:
+            if opened:
+                os.close(file_fd)  # the transfer installed, mapped or duplicated it already
         if x == _NULL:
             _start_failed(self._core, file, file_fd, offset)
         x = _gc(x, _xfer_put)
@@ -228,19 +223,12 @@ class Ring:
         sock_fds = [_sock_fd(s) for s in socks]
         if len(set(sock_fds)) != len(sock_fds):
             raise ValueError("tee: the same socket appears twice")
-        opened = -1
-        if type(file) is int:
-            file_fd = user_file = file
-        elif isinstance(file, (str, bytes, os.PathLike)):
-            file_fd = opened = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
-            user_file = None
-        else:
-            file_fd = user_file = _file_fd_of(file)
+        file_fd, user_file, opened = _file_fd(file)
         try:
             xs = self._core.tee(file_fd, sock_fds, offset, -1 if count is None else count)
         finally:
-            if opened >= 0:
-                os.close(opened)
+            if opened:
+                os.close(file_fd)
         if xs is None:
             _start_failed(self._core, file, file_fd, offset)
         transfers = [Transfer(self, x, "splice", fd, user_file, count, None) for x, fd in zip(xs, sock_fds)]
@@ -468,11 +456,17 @@ class Ring:
         return getattr(self, "_last_trace", [])
 
 
-def _file_fd_of(file):
+def _file_fd(file):
+    """(fd to start from, the caller's fd or None for a path, whether we opened it). An fd we
+    opened is closed once the engine holds the file (it installs, maps or duplicates it)."""
+    if type(file) is int:
+        return file, file, False
+    if isinstance(file, (str, bytes, os.PathLike)):
+        return os.open(file, os.O_RDONLY | os.O_CLOEXEC), None, True
     fd = getattr(file, "fileno", lambda: None)()
     if not isinstance(fd, int) or isinstance(fd, bool):
         raise TypeError(f"file must be a path, a file object or a file descriptor, not {type(file).__name__}")
-    return fd
+    return fd, fd, False
 
 
 def _start_failed(core, file, fd, offset):
