@@ -48,9 +48,9 @@ def describe():
         "python": platform.python_version(),
         "uringsend": uringsend.__version__,
         "uringsend_commit": _commit(),
-        "io_uring_setup_flags": probe.get("setup_flags"),
-        "uringsend_modes": probe.get("modes"),
-        "pipe_max_size": probe.get("pipe_max_size"),
-        "memlock_soft": probe.get("memlock_soft"),
+        "io_uring_setup_flags": list(probe.setup_flags),
+        "uringsend_modes": list(probe.modes),
+        "pipe_max_size": probe.pipe_max_size,
+        "memlock_soft": probe.memlock_soft,
         "loadavg_start": [round(x, 2) for x in os.getloadavg()],
     }

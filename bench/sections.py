@@ -233,7 +233,7 @@ def _one_ring(mode, conns, fd, size):
     os.close(efd)
     if errors:
         raise errors[0]
-    return {"chunks_copied": stats["copied"], "chunks_zerocopy": stats["zerocopy"]}
+    return {"chunks_copied": stats.copied, "chunks_zerocopy": stats.zerocopy}
 
 
 def concurrency(plan, modes, server, workers, files, log):

@@ -63,18 +63,19 @@ def submit_flagged(ring, pairs):
 
 
 def wait_res(ring, *ops, timeout=10):
-    ring._drive(lambda: all(op.res is not None for op in ops), timeout)
+    ring.driver.run_until(lambda: all(op.res is not None for op in ops), timeout)
     return [op.res for op in ops]
 
 
 def wait_released(ring, rec, *ops, timeout=10):
-    ring._drive(lambda: all(any(o is op for o, _ in rec.released) for op in ops), timeout)
+    ring.driver.run_until(lambda: all(any(o is op for o, _ in rec.released) for op in ops), timeout)
 
 
-def quiet(ring, until, seconds=0.3):
-    """Bounded wait asserting that ``until()`` stays false for ``seconds`` of reaping."""
+def nothing_happens_for(ring, until, seconds=0.3):
+    """A negative check, for what has no event to wait on: reap for ``seconds`` and assert that
+    ``until()`` stayed false (an op that must stay blocked, a release that must not come yet)."""
     with pytest.raises(TimeoutError):
-        ring._drive(until, seconds)
+        ring.driver.run_until(until, seconds)
 
 
 def cancel(ring, rec, target):
@@ -86,7 +87,7 @@ def cancel(ring, rec, target):
 
 def no_orphans(ring):
     """No CQE reached the engine or the ledger without an op to take it."""
-    assert ring.statistics()["orphan_cqes"] == 0
+    assert ring.statistics().orphan_cqes == 0
     if ring.ledger.trace is not None:
         assert all(op is not None for _, op, *_ in ring.ledger.trace)
     return True

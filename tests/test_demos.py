@@ -74,11 +74,11 @@ def test_hazard_only_splice_and_early_write_change_what_the_peer_gets():
     rows = {(x["mode"], x["written"]): x for x in r["rows"]}
     size = r["size"]
     assert all(x["bytes"] == size for x in rows.values())
-    assert rows["splice", "after wait()"]["new_bytes"] > 0
-    assert rows["zerocopy", "after wait()"]["new_bytes"] == 0
-    assert rows["mmap", "after wait_released()"]["new_bytes"] == 0
-    assert rows["mmap", "after wait_released()"]["released_before_write"] == size
-    early = rows["mmap", "after wait()"]
+    assert rows["splice", "after result()"]["new_bytes"] > 0
+    assert rows["zerocopy", "after result()"]["new_bytes"] == 0
+    assert rows["mmap", "after released()"]["new_bytes"] == 0
+    assert rows["mmap", "after released()"]["released_before_write"] == size
+    early = rows["mmap", "after result()"]
     assert early["released_before_write"] < size and early["new_bytes"] > 0
     assert "copies SEND_ZC data" in r["note"]
 

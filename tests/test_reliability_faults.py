@@ -18,6 +18,7 @@ import time
 import pytest
 
 import uringsend
+from uringsend.ring import RingStatistics
 from uringsend import _lowlevel as ll
 from uringsend import TransferCancelled
 
@@ -72,11 +73,11 @@ def test_file_truncated_under_a_chain_ends_short_with_exact_bytes(mode, cut, mak
             gate.set()
             if zeros:
                 with pytest.raises(OSError) as info:
-                    t.wait(timeout=30)
+                    t.result(timeout=30)
                 assert info.value.errno == errno.EFAULT
                 assert f"{zeros} bytes" in str(info.value) and "zeros" in str(info.value)
             else:
-                assert t.wait(timeout=30) == cut
+                assert t.result(timeout=30) == cut
                 assert t.error is None and t.short and t.count == 8 * CHUNK
             assert t.sent == cut + zeros
             # members of the chain cancelled by the break (not the FILES_UPDATE at its tail)
@@ -108,7 +109,7 @@ def test_count_past_eof_sends_the_file_and_reports_short(mode, make_file, tcp):
     rx = Receiver(peer)
     with small_ring() as ring:
         t = ring.sendfile(client, path, 5, 10 * CHUNK, mode=mode)
-        assert t.wait(timeout=30) == len(data) - 5
+        assert t.result(timeout=30) == len(data) - 5
         assert t.short and t.count == 10 * CHUNK and t.stranded == 0
         ring.run_until_complete(timeout=30)
         assert_clean(ring)
@@ -137,7 +138,7 @@ def child_peer_reset(mode):
         t = ring.sendfile(client, f, mode=mode)
         reader.start()
         try:
-            t.wait(timeout=30)
+            t.result(timeout=30)
             out["error"] = None
         except OSError as exc:
             out["error"] = type(exc).__name__
@@ -145,14 +146,14 @@ def child_peer_reset(mode):
             out["message"] = str(exc)
         reader.join()
         ring.run_until_complete(timeout=30)
-        out["settled"] = t.settled
+        out["settled"] = t.settled()
         out["sent"] = t.sent
         out["released"] = t.released_bytes()
         offsets = [e.offset for e in t.events if e.kind == uringsend.RELEASED]
         out["released_twice"] = len(offsets) - len(set(offsets))
         out["peer_prefix_ok"] = bytes(got) == data[:len(got)]
         out["notifs_per_op"] = sorted(set(notifs_per_op(ring.trace()).values()))
-        out["stats"] = ring.statistics()
+        out["stats"] = ring.statistics().asdict()
         out["dirty_pipes"] = ring._core.idle_pipe_bytes()
     client.close()
     f.close()
@@ -168,10 +169,10 @@ def test_peer_reset_mid_transfer_fails_cleanly_without_sigpipe(mode):
     assert "fd " in out["message"]  # the message names the operation and the socket
     assert out["peer_prefix_ok"]
     assert out["settled"]
-    st = out["stats"]
-    assert st["pending_notifs"] == 0 and st["pending_ops"] == 0 and st["orphan_cqes"] == 0, st
-    assert st["buffers_free"] == st["buffers_total"], st
-    assert st["zc_bytes_unreleased"] == 0, st
+    st = RingStatistics(**out["stats"])
+    assert st.pending_notifs == 0 and st.pending_ops == 0 and st.orphan_cqes == 0, st
+    assert st.buffers_free == st.buffers_total, st
+    assert st.zc_bytes_unreleased == 0, st
     assert out["dirty_pipes"] == 0
     if mode in RELEASING:
         # every chunk the socket took was released exactly once, and nothing else was
@@ -210,7 +211,7 @@ def child_transfer_after_reset_was_reported(mode):
         for _ in range(2):
             t = ring.sendfile(client, f, mode=mode)
             try:
-                t.wait(timeout=30)
+                t.result(timeout=30)
                 out.append(None)
             except OSError as exc:
                 out.append(type(exc).__name__)
@@ -244,28 +245,28 @@ def test_stalled_peer_costs_no_cpu_and_cancel_ends_it(mode, make_file):
             while time.monotonic() < end:
                 ring.poll(timeout=0.25)
                 with pytest.raises(TimeoutError):
-                    t.wait(timeout=0.25)
+                    t.result(timeout=0.25)
             cpu = time.process_time() - cpu  # every thread, io-wq workers included
             assert cpu < 0.1, f"{cpu:.3f} s of CPU over 2 s of a stalled transfer"
-            assert not t.done
+            assert not t.done()
 
             t.cancel()
             with pytest.raises(TransferCancelled) as info:
-                t.wait(timeout=10)
+                t.result(timeout=10)
             assert info.value.errno == errno.ECANCELED
-            assert t.done and t.error is info.value
+            assert t.done() and t.error is info.value
             sent = t.sent
             st = ring.statistics()
             if mode in ("zerocopy", "mmap"):
                 # the socket still holds pages of sends that finished: no release until it lets go
-                assert st["pending_notifs"] > 0, st
-                assert not t.settled
+                assert st.pending_notifs > 0, st
+                assert not t.settled()
             if mode == "zerocopy":
-                assert st["buffers_free"] < st["buffers_total"], st
+                assert st.buffers_free < st.buffers_total, st
             client.shutdown(socket.SHUT_WR)
             got = Receiver(peer).join()
             ring.run_until_complete(timeout=10)
-            assert t.settled
+            assert t.settled()
             assert_clean(ring)
     finally:
         client.close()
@@ -286,11 +287,11 @@ def test_buffers_held_by_a_stalled_socket_return_on_peer_reset(mode, make_file):
                 ring.poll(timeout=1)
             t.cancel()
             with pytest.raises(TransferCancelled):
-                t.wait(timeout=10)
-            assert ring.statistics()["pending_notifs"] > 0
+                t.result(timeout=10)
+            assert ring.statistics().pending_notifs > 0
             peer_reset(peer)  # an RST frees the socket's queue, and with it the pages
             ring.run_until_complete(timeout=10)
-            assert t.settled
+            assert t.settled()
             assert t.released_bytes() == t.sent
             assert_clean(ring)
     finally:
@@ -316,7 +317,7 @@ def _cancel_race(iterations, make_file):
                 ring.poll(0)
             t.cancel()
             try:
-                sent = t.wait(timeout=10)
+                sent = t.result(timeout=10)
             except TransferCancelled as exc:
                 assert exc.errno == errno.ECANCELED
                 assert t.sent < min(count, len(data) - offset)
@@ -324,7 +325,7 @@ def _cancel_race(iterations, make_file):
             else:
                 assert sent == t.sent == min(count, len(data) - offset)
                 outcomes["completed"] += 1
-            assert t.done and t.stranded == 0 or mode == "splice"
+            assert t.done() and t.stranded == 0 or mode == "splice"
             expected += data[offset:offset + t.sent]
         ring.run_until_complete(timeout=30)
         assert_clean(ring)
@@ -363,7 +364,7 @@ def test_link_cancelled_send_zc_keeps_its_buffer_until_its_notif(make_file, tcp,
     try:
         with small_ring(buffers=1, trace=True) as ring:
             def look():
-                seen.append((len(ring.trace()), ring.statistics()["buffers_free"]))
+                seen.append((len(ring.trace()), ring.statistics().buffers_free))
 
             real_run = ring._core.run
 
@@ -376,17 +377,17 @@ def test_link_cancelled_send_zc_keeps_its_buffer_until_its_notif(make_file, tcp,
             broken = ring.sendfile(client, wronly, mode="zerocopy", header=b"HEAD")
             look()
             with pytest.raises(OSError) as info:
-                broken.wait(timeout=10)
+                broken.result(timeout=10)
             assert info.value.errno == errno.EBADF
             assert "read_fixed" in str(info.value)
             looks_before_good = len(seen)
             good = ring.sendfile(client, path, mode="zerocopy")
             look()
-            assert good.wait_released(timeout=10) == len(data)
+            assert good.released(timeout=10) == len(data)
             ring.run_until_complete(timeout=10)
             assert_clean(ring)
             st = ring.statistics()
-            assert st["buffers_total"] == 1
+            assert st.buffers_total == 1
             trace = ring.trace()
     finally:
         os.close(wronly)
@@ -396,7 +397,7 @@ def test_link_cancelled_send_zc_keeps_its_buffer_until_its_notif(make_file, tcp,
     cancelled = [(i, e) for i, e in enumerate(trace) if e.transfer is broken and e.zerocopy and not e.notif]
     assert len(cancelled) == 1
     at, send = cancelled[0]
-    assert send.res == -errno.ECANCELED and not send.flags & F_MORE, "the kernel's rule 12 case did not happen"
+    assert send.res == -errno.ECANCELED and not send.flags & F_MORE, "the kernel's [KF 12] case did not happen"
     notif = [i for i, e in enumerate(trace) if e.user_data == send.user_data and e.notif]
     assert len(notif) == 1, "the link-cancelled SEND_ZC got no NOTIF (or several)"
     # The buffer stayed out of the pool after the -ECANCELED result, until its NOTIF was handled,

@@ -34,9 +34,9 @@ def test_dropped_transfer_keeps_its_buffers_and_completes(mode, make_file):
             del t
             gc.collect()
             st = ring.statistics()
-            assert st["transfers_active"] == 1 and st["pending_ops"] > 0, st
+            assert st.transfers_active == 1 and st.pending_ops > 0, st
             if mode == "zerocopy":
-                assert st["buffers_free"] < st["buffers_total"], st
+                assert st.buffers_free < st.buffers_total, st
             gate.set()
             ring.run_until_complete(timeout=30)
             assert_clean(ring)
@@ -63,13 +63,13 @@ def test_fork_child_cannot_touch_the_ring_and_parent_completes(make_file):
         with small_ring() as ring:
             transfers = [ring.sendfile(client, path, mode=mode) for (client, _), mode in zip(pairs, MODES)]
             ring.poll(0)
-            assert not any(t.done for t in transfers)
+            assert not any(t.done() for t in transfers)
             pid = os.fork()
             if pid == 0:  # the child: every use of the parent's ring must refuse, touching nothing
                 failures = 0  # bit i: use i did not raise RingOwnerError
                 for i, use in enumerate((lambda: ring.sendfile(pairs[0][0], path, mode="copy"),
                             lambda: ring.poll(0),
-                            lambda: transfers[0].wait(1),
+                            lambda: transfers[0].result(1),
                             lambda: transfers[1].cancel(),
                             lambda: ring.run_until_complete(1),
                             lambda: ring.register_eventfd(0))):
@@ -83,7 +83,7 @@ def test_fork_child_cannot_touch_the_ring_and_parent_completes(make_file):
                 os._exit(failures)
             gate.set()
             ring.wait(transfers, timeout=30, released=False)
-            assert [t.wait(0) for t in transfers] == [len(data)] * len(MODES)
+            assert [t.result(0) for t in transfers] == [len(data)] * len(MODES)
             ring.run_until_complete(timeout=30)
             assert_clean(ring)
         _, status = os.waitpid(pid, 0)
@@ -116,8 +116,8 @@ def test_foreign_thread_gets_ring_owner_error_promptly(make_file):
             uses = {
                 "sendfile": lambda: ring.sendfile(client, path, mode="copy"),
                 "poll": lambda: ring.poll(0),
-                "wait": lambda: t.wait(1),
-                "wait_released": lambda: t.wait_released(1),
+                "wait": lambda: t.result(1),
+                "wait_released": lambda: t.released(1),
                 "ring.wait": lambda: ring.wait([t], 1),
                 "run_until_complete": lambda: ring.run_until_complete(1),
                 "cancel": t.cancel,
@@ -143,7 +143,7 @@ def test_foreign_thread_gets_ring_owner_error_promptly(make_file):
             assert outcome == {name: "RingOwnerError" for name in uses}
             # the owner's transfer is untouched: not cancelled, nothing lost
             gate.set()
-            assert t.wait_released(timeout=30) == len(data)
+            assert t.released(timeout=30) == len(data)
             ring.run_until_complete(timeout=30)
             assert_clean(ring)
         client.close()
@@ -170,14 +170,14 @@ def test_close_with_notifs_pending_keeps_memory_and_never_sends_stale_bytes(mode
             ring.poll(timeout=1)
         with pytest.warns(ResourceWarning):
             ring.close()
-        assert ring.statistics()["kept_alive"] > 0
-        assert t1.done and isinstance(t1.error, TransferCancelled) and not t1.settled
+        assert ring.statistics().kept_alive > 0
+        assert t1.done() and isinstance(t1.error, TransferCancelled) and not t1.settled()
         sent1 = t1.sent
         # A new ring, the same connection: its bytes follow exactly the first transfer's.
         with small_ring() as ring2:
             t2 = ring2.sendfile(client, path2, mode=mode)
             rx = Receiver(peer)  # only now does the peer read
-            assert t2.wait_released(timeout=30) == len(data2)
+            assert t2.released(timeout=30) == len(data2)
             ring2.run_until_complete(timeout=30)
             assert_clean(ring2)
         client.close()
@@ -214,7 +214,7 @@ def test_timer_signals_during_wait_resume_it_and_lose_nothing(mode, make_file):
         with small_ring() as ring:
             t = ring.sendfile(client, path, mode=mode)
             signal.setitimer(signal.ITIMER_REAL, 0.02, 0.02)
-            assert t.wait(timeout=30) == len(data)
+            assert t.result(timeout=30) == len(data)
             ring.run_until_complete(timeout=30)
             assert_clean(ring)
         client.close()
@@ -267,7 +267,7 @@ def test_signal_from_another_thread_runs_its_handler_promptly_during_wait(make_f
         with small_ring() as ring:
             t = ring.sendfile(client, path, mode="splice")
             kicker.start()
-            assert t.wait(timeout=60) == len(data)
+            assert t.result(timeout=60) == len(data)
             kicker.join()
             ring.run_until_complete(timeout=30)
             assert_clean(ring)
@@ -315,12 +315,12 @@ def test_raising_handler_propagates_out_of_wait_then_wait_resumes(make_file):
             kicker.start()
             armed = True
             with pytest.raises(Interrupt):
-                t.wait(timeout=30)
+                t.result(timeout=30)
             kicker.join()
             signal.signal(signal.SIGUSR1, old)
-            assert not t.done
+            assert not t.done()
             gate.set()
-            assert t.wait(timeout=30) == len(data)
+            assert t.result(timeout=30) == len(data)
             ring.run_until_complete(timeout=30)
             assert_clean(ring)
         client.close()
@@ -334,9 +334,9 @@ def test_raising_handler_propagates_out_of_wait_then_wait_resumes(make_file):
     assert sha(got) == sha(data)
 
 
-# The owner's wait loop: Ring._drive, and Core.run around the engine's wait (a signal that
+# The owner's wait loop: Driver.run_until, and Core.run around the engine's wait (a signal that
 # interrupts the wait in the kernel has its handler run in Core.run, as the C call returns).
-WAIT_LOOP = {(os.path.join(LIBRARY, "ring.py"), "_drive"), (os.path.join(LIBRARY, "_lowlevel.py"), "run")}
+WAIT_LOOP = {(os.path.join(LIBRARY, "_driver.py"), "run_until"), (os.path.join(LIBRARY, "_lowlevel.py"), "run")}
 
 
 def test_handler_raising_anywhere_in_wait_never_wedges_the_ring(make_file):
@@ -378,7 +378,7 @@ def test_handler_raising_anywhere_in_wait_never_wedges_the_ring(make_file):
                                          copy_chunk_size=4096, pipe_size=4096, close_timeout=1) as ring:
             for i in range(100):
                 t = ring.sendfile(client, f, mode=MODES[i % len(MODES)])
-                assert waiting(lambda: t.wait(timeout=5)) == len(data)
+                assert waiting(lambda: t.result(timeout=5)) == len(data)
             waiting(lambda: ring.run_until_complete(timeout=10))
             signal.setitimer(signal.ITIMER_REAL, 0)
             assert_clean(ring)

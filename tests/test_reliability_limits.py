@@ -10,6 +10,7 @@ import time
 import pytest
 
 import uringsend
+from uringsend.ring import RingStatistics
 from uringsend import IoUringUnavailable, Ring
 
 from uringsend import _lowlevel as ll
@@ -79,7 +80,7 @@ def test_cq_overflow_delivers_every_completion(make_file):
             ring.run_until_complete(timeout=30)
             assert not view.cq_overflow
             assert nop.res == 0
-            assert [t.wait(0) for t in transfers] == [len(data)] * len(transfers)
+            assert [t.result(0) for t in transfers] == [len(data)] * len(transfers)
             assert_clean(ring)
         for client, _ in pairs:
             client.close()
@@ -113,11 +114,11 @@ def test_small_sq_queues_whole_chains_and_drains(entries, make_file):
             assert ring.sq_entries == entries
             transfers = [ring.sendfile(client, f, mode=MODES[i % len(MODES)], header=headers[i])
                          for i, (client, _) in enumerate(pairs)]
-            while not all(t.done for t in transfers):
+            while not all(t.done() for t in transfers):
                 ring.poll(timeout=5)
             # chains that had to wait, whole, for a submission to make SQ room
-            max_queued = ring.statistics()["sq_full"]
-            assert [t.wait(0) for t in transfers] == [len(data)] * len(transfers)
+            max_queued = ring.statistics().sq_full
+            assert [t.result(0) for t in transfers] == [len(data)] * len(transfers)
             ring.run_until_complete(timeout=30)
             assert_clean(ring)
         for client, _ in pairs:
@@ -144,7 +145,7 @@ def test_eventfd_announces_every_completion_to_a_one_poll_per_wake_loop(make_fil
         with Ring(copy_chunk_size=4096) as ring:
             ring.register_eventfd(efd)
             t = ring.sendfile(client, path, mode="copy")
-            while not t.done:
+            while not t.done():
                 ready, _, _ = select.select([efd], [], [], 5)
                 if not ready:
                     late = ring.poll(0)
@@ -152,7 +153,7 @@ def test_eventfd_announces_every_completion_to_a_one_poll_per_wake_loop(make_fil
                                 f"CQE(s); {t.sent} of {len(data)} bytes sent")
                 os.eventfd_read(efd)
                 ring.poll(0)
-            assert t.wait(0) == len(data)
+            assert t.result(0) == len(data)
         client.close()
         assert rx.join() == data
     finally:
@@ -177,17 +178,17 @@ def child_memlock(mode, zc_budget, chunk_size):
             out["zc_budget"] = ring.zc_budget
             try:
                 t = ring.sendfile(client, f, mode=mode)
-                t.wait_released(timeout=30)
+                t.released(timeout=30)
             except OSError as exc:
                 out["error"] = [exc.errno, str(exc), "sendfile" if t is None else "wait"]
             if t is not None:
                 ring.run_until_complete(timeout=30)
-            out["stats"] = ring.statistics()
+            out["stats"] = ring.statistics().asdict()
             # whatever failed, the ring goes on: a copying send on a second connection
             c2, p2 = tcp_pair()
             rx2 = Receiver(p2)
             t2 = ring.sendfile(c2, f, mode="copy")
-            out["after"] = t2.wait(timeout=30)
+            out["after"] = t2.result(timeout=30)
             c2.close()
             out["after_ok"] = rx2.join() == data
             p2.close()
@@ -196,7 +197,7 @@ def child_memlock(mode, zc_budget, chunk_size):
     client.close()
     got = rx.join()
     if t is not None:
-        out.update(sent=t.sent, mode=t.mode, fallback=t.fallback, settled=t.settled,
+        out.update(sent=t.sent, mode=t.mode, fallback=t.fallback, settled=t.settled(),
                    peer_ok=got == data[:t.sent], complete=t.sent == len(data))
     f.close()
     peer.close()
@@ -216,8 +217,8 @@ def test_memlock_mmap_mode_fails_with_a_clear_enomem_or_stays_in_budget():
         assert err_no == errno.ENOMEM and where == "wait", out
         assert "send_zc" in message.lower() and "MEMLOCK" in message.upper(), out
         assert out["peer_ok"] and out["settled"], out
-        st = out["stats"]
-        assert st["pending_notifs"] == 0 and st["zc_bytes_unreleased"] == 0, st
+        st = RingStatistics(**out["stats"])
+        assert st.pending_notifs == 0 and st.zc_bytes_unreleased == 0, st
 
 
 def test_memlock_small_zc_budget_keeps_mmap_mode_under_the_limit():
@@ -269,13 +270,13 @@ def child_unprivileged_splice(connections):
         out["peak_active"] = 0  # transfers running at once, each holding a pipe until it settles
         for i, (client, _) in enumerate(pairs):
             transfers.append(ring.sendfile(client, f, i * SPAN, SPAN, mode="splice"))
-            out["peak_active"] = max(out["peak_active"], ring.statistics()["transfers_active"])
+            out["peak_active"] = max(out["peak_active"], ring.statistics().transfers_active)
         sink = Sink([peer for _, peer in pairs], keep=False)
         ring.wait(transfers, timeout=60)
-        out["sent"] = [t.wait(0) for t in transfers]
+        out["sent"] = [t.result(0) for t in transfers]
         out["fill_sizes"] = sorted({e.len for e in ring.trace() if e.role == "fill"})
         ring.run_until_complete(timeout=30)
-        out["stats"] = ring.statistics()
+        out["stats"] = ring.statistics().asdict()
         out["dirty_pipes"] = ring._core.idle_pipe_bytes()
     for client, _ in pairs:
         client.close()
@@ -324,15 +325,16 @@ def child_seccomp(err_name):
         peer.close()
     client, peer = tcp_pair()
     rx = Receiver(peer)
-    t = uringsend.sendfile(client, f, 7, header=b"HTTP/1.1 200 OK\r\n\r\n", mode="auto")
+    sent = uringsend.sendfile(client, f, 7, headers=b"HTTP/1.1 200 OK\r\n\r\n", trailers=b"end",
+                              mode="auto")
+    position = f.tell()
     client.close()
     got = rx.join()
     peer.close()
-    out["auto"] = {"mode": t.mode, "fallback": t.fallback, "sent": t.sent, "done": t.done,
-                   "settled": t.settled, "ok": got == b"HTTP/1.1 200 OK\r\n\r\n" + data[7:],
-                   "expected": len(data) - 7}
+    out["auto"] = {"sent": sent, "position": position, "fallback": uringsend.blocking.fallback(),
+                   "ok": got == b"HTTP/1.1 200 OK\r\n\r\n" + data[7:] + b"end", "expected": len(data) - 7}
     info = uringsend.probe()
-    out["probe"] = [info["io_uring"], info.get("io_uring_error")]
+    out["probe"] = [info.io_uring, info.io_uring_error]
     f.close()
     return out
 
@@ -347,7 +349,7 @@ def test_io_uring_blocked_by_seccomp(err_name):
     for mode in MODES:
         assert out["explicit"][mode] is not None and out["explicit"][mode][0] == err_no, (mode, out)
     auto = out["auto"]
-    assert auto["mode"] == "sendfile" and auto["ok"] and auto["sent"] == auto["expected"], auto
-    assert auto["done"] and auto["settled"]
-    assert "io_uring unavailable" in auto["fallback"] and err_name in auto["fallback"], auto
+    assert auto["ok"] and auto["sent"] == auto["expected"] and auto["position"] == 7 + auto["sent"], auto
+    calls, why = auto["fallback"]
+    assert calls == 1 and "io_uring unavailable" in why and err_name in why, auto
     assert out["probe"] == [False, err_name]

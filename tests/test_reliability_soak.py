@@ -26,10 +26,10 @@ def _usage(proc, ring):
     return {
         "rss": proc.memory_info().rss,
         # idle pooled pipes come and go (2 fds each); everything else must stay put
-        "fds": proc.num_fds() - 2 * st["pipes_idle"],
+        "fds": proc.num_fds() - 2 * st.pipes_idle,
         "threads": threading.active_count(),
         "os_threads": proc.num_threads() - io_wq_threads(),
-        "pipes_created": st["pipes_created"],
+        "pipes_created": st.pipes_created,
     }
 
 
@@ -74,8 +74,8 @@ def _soak(total, make_file):
                 active[i] = (ring.sendfile(client, f, offset, count, mode=mode), offset)
             ring.poll(timeout=5)
             for i, (t, offset) in list(active.items()):
-                if t.done:
-                    sent = t.wait(0)  # raises if a healthy connection failed
+                if t.done():
+                    sent = t.result(0)  # raises if a healthy connection failed
                     assert sent == min(t.count, len(data) - offset)
                     expected[i].update(data[offset:offset + sent])
                     expected_len[i] += sent
@@ -83,9 +83,9 @@ def _soak(total, make_file):
                     del active[i]
             for item in list(resetting):
                 t, c = item
-                if t.done:
+                if t.done():
                     try:
-                        t.wait(0)
+                        t.result(0)
                         outcomes["reset but completed"] += 1
                     except OSError as exc:
                         assert exc.errno in (errno.ECONNRESET, errno.EPIPE), exc
@@ -119,7 +119,7 @@ def _soak(total, make_file):
     measured = total - warmup
     print(f"\nsoak: {measured} transfers after {warmup} of warm-up in {elapsed:.1f} s "
           f"({measured / elapsed:.0f}/s); {dict(outcomes)}; start {baseline}; end {end}; "
-          f"{stats['completions']} completions, {stats['notifs']} notifs")
+          f"{stats.completions} completions, {stats.notifs} notifs")
     assert sum(outcomes.values()) == total
     assert outcomes["reset"] >= 1 and outcomes["reset but completed"] == 0, outcomes
     for i, (n, digest) in enumerate(got):

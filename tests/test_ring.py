@@ -36,7 +36,7 @@ def submit(ring, *chains):
 
 
 def drive(ring, until, timeout=10):
-    ring._drive(until, timeout)
+    ring.driver.run_until(until, timeout)
 
 
 def test_nop_round_trip():
@@ -60,7 +60,7 @@ def test_send_zc_reports_sent_then_released_and_copied_on_loopback(make_file):
     with client, peer, uringsend.Ring() as ring:
         rx = Receiver(peer)
         t = ring.sendfile(client, path, mode="mmap")
-        assert t.wait_released(10) == len(data)
+        assert t.released(10) == len(data)
         client.shutdown(socket.SHUT_WR)
         assert rx.join() == data
         sent = [e for e in t.events if e.kind == "sent"]
@@ -71,8 +71,8 @@ def test_send_zc_reports_sent_then_released_and_copied_on_loopback(make_file):
             s = next(e for e in sent if e.offset == r.offset)
             assert s.t_ns <= r.t_ns
         stats = ring.statistics()
-        assert stats["copied"] == len(released) and stats["zerocopy"] == 0
-        assert stats["pending_notifs"] == 0
+        assert stats.copied == len(released) and stats.zerocopy == 0
+        assert stats.pending_notifs == 0
 
 
 def test_linked_chain_head_failure_cancels_tail():
@@ -139,13 +139,13 @@ def test_close_with_notification_pending_keeps_memory_alive(make_file):
     ring = uringsend.Ring(close_timeout=0.3)
     t = ring.sendfile(client, path, mode="mmap")
     ring.poll(0.2)
-    assert not t.done
+    assert not t.done()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ring.close()
     assert any(issubclass(w.category, ResourceWarning) for w in caught)
     stats = ring.statistics()
-    assert stats["kept_alive"] > 0
+    assert stats.kept_alive > 0
     core = uringsend.ring._kept_alive[-1][0]
     assert core.kept and core.ptr != ffi.NULL  # the engine's memory is never freed
     assert core.mappings_busy() == 1  # still mapped: the kernel may read it
@@ -170,7 +170,7 @@ def test_bad_fd_names_the_operation(make_file, tcp):
         try:
             t = ring.sendfile(client, wfd, mode="zerocopy")
             with pytest.raises(OSError) as exc:
-                t.wait(10)
+                t.result(10)
             assert exc.value.errno == errno.EBADF
             assert "read_fixed on fd" in str(exc.value)
             ring.run_until_complete(10)
@@ -180,11 +180,11 @@ def test_bad_fd_names_the_operation(make_file, tcp):
 
 def test_probe_reports_kernel_features():
     info = uringsend.probe()
-    assert info["io_uring"] is True
-    assert {"SEND_ZC", "SPLICE", "TEE", "READ_FIXED", "SEND"} <= set(info["opcodes"])
-    assert set(info["modes"]) >= {"splice", "zerocopy", "mmap", "copy"}
-    assert info["pipe_max_size"] >= 4096
-    assert "DEFER_TASKRUN" in info["setup_flags"]
+    assert info.io_uring is True
+    assert {"SEND_ZC", "SPLICE", "TEE", "READ_FIXED", "SEND"} <= set(info.opcodes)
+    assert set(info.modes) >= {"splice", "zerocopy", "mmap", "copy"}
+    assert info.pipe_max_size >= 4096
+    assert "DEFER_TASKRUN" in info.setup_flags
 
 
 def test_ring_rejects_bad_arguments():
@@ -200,7 +200,7 @@ def test_unknown_opcode_prepares_nothing():
         with pytest.raises(OSError) as exc:
             ring._core.raw_submit([{"opcode": 200}])
         assert exc.value.errno == errno.EINVAL
-        assert ring.statistics()["pending_ops"] == 0
+        assert ring.statistics().pending_ops == 0
         submit(ring, [Op(rec, ll.OP_NOP, -1)])
         drive(ring, lambda: rec.results)
         assert rec.results[0][1] == 0
@@ -252,7 +252,7 @@ def test_more_changes_than_one_batch_are_all_handed_out(make_file):
             for a, _ in pairs:
                 a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
             ts = [ring.sendfile(a, f, mode="copy", on_release=released.append) for a, _ in pairs]
-            assert not all(t.done for t in ts)
+            assert not all(t.done() for t in ts)
             got = [bytearray() for _ in pairs]
             all_read = threading.Event()
 

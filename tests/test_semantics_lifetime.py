@@ -16,13 +16,11 @@ import socket
 import threading
 import time
 
-import pytest
-
 import uringsend
 from uringsend import _lowlevel as ll
 from conftest import Receiver, tcp_pair, unix_pair
 from _semantics import (BACKLOG, ERESTARTSYS, F_MORE, Recorder, RingView, SyscallRing, cancel, in_thread,
-                        quiet, read_exactly, stalled_pair, submit, wait_for, wait_res, workers)
+                        nothing_happens_for, read_exactly, stalled_pair, submit, wait_for, wait_res, workers)
 
 LINK = ll.IOSQE_IO_LINK
 GETEVENTS = SyscallRing.ENTER_GETEVENTS
@@ -129,7 +127,7 @@ def test_closed_socket_stays_open_while_a_request_holds_it():
         with uringsend.Ring(entries=8) as ring:
             poll = rec.op(ll.OP_POLL_ADD, client.fileno(), op_flags=select.POLLIN)
             submit(ring, [poll])
-            quiet(ring, lambda: poll.res is not None, 0.1)
+            nothing_happens_for(ring, lambda: poll.res is not None, 0.1)
             client.close()
             assert select.select([peer], [], [], 0.3)[0] == []  # no FIN: the ring holds the socket
             assert cancel(ring, rec, poll) == 0
@@ -151,14 +149,14 @@ def test_transfer_never_writes_to_a_reused_socket_fd_number(make_file):
     try:
         with uringsend.Ring() as ring:
             t = ring.sendfile(client, path, mode="copy")
-            quiet(ring, lambda: t.done)
+            nothing_happens_for(ring, lambda: t.done())
             fd = client.fileno()
             client.close()
             reused = os.dup2(other.fileno(), fd)  # an unrelated socket takes the number
             rx_other = Receiver(other_peer)
             rx = Receiver(peer)
             try:
-                t.wait(10)
+                t.result(10)
             except OSError:
                 pass
             ring.run_until_complete(10)

@@ -25,7 +25,7 @@ from uringsend import _lowlevel as ll
 from uringsend._uring import lib
 from conftest import Receiver, tcp_pair, unix_pair
 from _semantics import (ERESTARTSYS, IOSQE_FIXED_FILE, Recorder, cancel, cqes, pipe_pending,
-                        prepared_sqes, quiet, submit, stalled_pair, submit_flagged, wait_res)
+                        prepared_sqes, nothing_happens_for, submit, stalled_pair, submit_flagged, wait_res)
 
 LINK = ll.IOSQE_IO_LINK
 HARDLINK = lib.IOSQE_IO_HARDLINK
@@ -132,7 +132,7 @@ def test_send_with_waitall_breaks_the_link_only_when_cut_short():
                           op_flags=socket.MSG_WAITALL | socket.MSG_NOSIGNAL)
             nop2 = rec.op(ll.OP_NOP)
             submit(ring, [send, nop2])
-            quiet(ring, lambda: send.res is not None)
+            nothing_happens_for(ring, lambda: send.res is not None)
             assert cancel(ring, rec, send) == 0
             sent, after = wait_res(ring, send, nop2)
         assert 0 < sent < len(payload) - 4096
@@ -155,7 +155,7 @@ def test_engines_send_with_waitall_and_never_hardlink(make_file):
         rx = Receiver(peer)
         with uringsend.Ring(trace=True) as ring:
             t = ring.sendfile(client, path, mode=mode, header=b"HEAD")
-            assert t.wait(10) == len(data)
+            assert t.result(10) == len(data)
             ring.run_until_complete(10)
             prepared = prepared_sqes(ring)
             completed = {e.user_data for e in ring.trace()}
@@ -183,7 +183,7 @@ def test_hardlink_runs_a_splice_after_eof_and_it_blocks(make_file):
             submit_flagged(ring, [(fill_op, HARDLINK), (send, 0)])
             assert wait_res(ring, fill_op) == [0]
             # With LINK the send would be -ECANCELED now; hardlinked it runs on an empty pipe.
-            quiet(ring, lambda: send.res is not None)
+            nothing_happens_for(ring, lambda: send.res is not None)
             assert cancel(ring, rec, send) == -errno.EALREADY
             assert wait_res(ring, send) == [-ERESTARTSYS]
         assert pipe_pending(r) == 0
@@ -247,7 +247,7 @@ def test_raw_prep_takes_whole_chains_only():
     """Raw ops are prepared whole chains at a time: 6 single ops leave 2 of 8 slots, so a 3-op
     chain is not split; what was prepared is submitted first, and the chain whole in a second
     submission. Whole, its head's failure cancels the rest (split at a submission boundary, the
-    members past it would run: rule 4)."""
+    members past it would run: [KF 4])."""
     rec = Recorder()
     r, w = os.pipe()
     try:
@@ -258,9 +258,9 @@ def test_raw_prep_takes_whole_chains_only():
                 head = (rec.op(ll.OP_SPLICE, w, fd_in=bad, off_in=-1, off=-1, len=1) if failing_head
                         else rec.op(ll.OP_NOP))
                 chain = [head, rec.op(ll.OP_NOP), rec.op(ll.OP_NOP)]
-                enters = ring.statistics()["enters"]
+                enters = ring.statistics().enters
                 ring.ledger.submit(ops + chain, sqe_flags=[0] * 6 + [LINK, LINK, 0])
-                assert ring.statistics()["enters"] - enters == 2  # the 6 singles, then the chain
+                assert ring.statistics().enters - enters == 2  # the 6 singles, then the chain
                 want = [-errno.EBADF, -errno.ECANCELED, -errno.ECANCELED] if failing_head else [0] * 3
                 assert wait_res(ring, *ops, *chain) == [0] * 6 + want
     finally:
@@ -281,9 +281,9 @@ def test_raw_prep_longer_than_the_sq_still_stops_at_a_chain_boundary():
                 head = (rec.op(ll.OP_SPLICE, w, fd_in=bad, off_in=-1, off=-1, len=1) if failing_head
                         else rec.op(ll.OP_NOP))
                 chain = [head, rec.op(ll.OP_NOP), rec.op(ll.OP_NOP)]
-                enters = ring.statistics()["enters"]
+                enters = ring.statistics().enters
                 ring.ledger.submit(ops + chain, sqe_flags=[0, 0, LINK, LINK, 0])
-                assert ring.statistics()["enters"] - enters == 2  # n == 2: stopped at the chain
+                assert ring.statistics().enters - enters == 2  # n == 2: stopped at the chain
                 want = [-errno.EBADF, -errno.ECANCELED, -errno.ECANCELED] if failing_head else [0] * 3
                 assert wait_res(ring, *ops, *chain) == [0, 0] + want
             too_long = [rec.op(ll.OP_NOP) for _ in range(5)]
@@ -308,7 +308,7 @@ def test_cancel_of_a_link_member_not_yet_issued_is_enoent():
             poll = rec.op(ll.OP_POLL_ADD, a.fileno(), op_flags=select.POLLIN)
             nop = rec.op(ll.OP_NOP)
             submit(ring, [poll, nop])
-            quiet(ring, lambda: poll.res is not None)
+            nothing_happens_for(ring, lambda: poll.res is not None)
             assert cancel(ring, rec, nop) == -errno.ENOENT  # linked behind the poll: not issued
             assert nop.res is None
             assert cancel(ring, rec, poll) == 0

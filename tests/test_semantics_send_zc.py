@@ -22,7 +22,7 @@ import pytest
 import uringsend
 from uringsend import _lowlevel as ll
 from conftest import Receiver, tcp_pair, unix_pair
-from _semantics import (BACKLOG, F_MORE, F_NOTIF, PAGE, Recorder, cancel, cqes, fill, no_orphans, quiet,
+from _semantics import (BACKLOG, F_MORE, F_NOTIF, PAGE, Recorder, cancel, cqes, fill, no_orphans, nothing_happens_for,
                         read_exactly, reset, stalled_pair, submit, submit_flagged, wait_released, wait_res)
 
 REPORT_USAGE = ll.IORING_SEND_ZC_REPORT_USAGE
@@ -88,7 +88,7 @@ def test_send_zc_error_still_gets_f_more_and_a_notif(case):
                           zc_flags=zc_flags)
             submit(ring, [send])
             if case == "ECANCELED":
-                quiet(ring, lambda: send.res is not None)  # no room and no progress
+                nothing_happens_for(ring, lambda: send.res is not None)  # no room and no progress
                 assert cancel(ring, rec, send) == 0
             wait_released(ring, rec, send)
             assert cqes(ring, send) == [(-getattr(errno, case), F_MORE), (0, F_NOTIF)]
@@ -110,7 +110,7 @@ def test_send_zc_on_unix_falls_back_to_copying_sends(mode, make_file):
     try:
         with uringsend.Ring(trace=True) as ring:
             t = ring.sendfile(a, path, mode=mode)
-            assert t.wait_released(10) == len(data)
+            assert t.released(10) == len(data)
             ring.run_until_complete(10)
             results = [(e.op, e.res) for e in ring.trace()
                        if e.transfer is t and e.role == "send" and not e.notif]
@@ -176,7 +176,7 @@ def test_notifs_arrive_out_of_submission_order():
             second = rec.op(ll.OP_SEND_ZC, fast.fileno(), addr=pin.address, len=1000, op_flags=FLAGS)
             submit(ring, [second])
             wait_released(ring, rec, second)
-            quiet(ring, lambda: len(rec.released) > 1)
+            nothing_happens_for(ring, lambda: len(rec.released) > 1)
             rx_slow = Receiver(slow_peer)
             wait_released(ring, rec, first)
             assert released_ops(rec) == [second, first]
@@ -204,11 +204,11 @@ def test_notif_waits_for_the_peer_shutdown_does_not_release():
             send = rec.op(ll.OP_SEND_ZC, client.fileno(), addr=pin.address, len=len(payload), op_flags=FLAGS)
             submit(ring, [send])
             assert wait_res(ring, send)[0] > 0
-            quiet(ring, lambda: rec.released)
+            nothing_happens_for(ring, lambda: rec.released)
             peer.shutdown(socket.SHUT_WR)
-            quiet(ring, lambda: rec.released, 0.5)
+            nothing_happens_for(ring, lambda: rec.released, 0.5)
             client.shutdown(socket.SHUT_WR)
-            quiet(ring, lambda: rec.released, 0.5)
+            nothing_happens_for(ring, lambda: rec.released, 0.5)
             reset(peer)  # SO_LINGER {1, 0}: an RST frees the sender's queue, and the pages
             wait_released(ring, rec, send, timeout=5)
     finally:
@@ -229,7 +229,7 @@ def test_peer_close_with_unread_data_resets_and_releases():
             send = rec.op(ll.OP_SEND_ZC, client.fileno(), addr=pin.address, len=len(payload), op_flags=FLAGS)
             submit(ring, [send])
             assert wait_res(ring, send)[0] > 0
-            quiet(ring, lambda: rec.released)
+            nothing_happens_for(ring, lambda: rec.released)
             peer.close()
             wait_released(ring, rec, send, timeout=5)
         with pytest.raises(ConnectionResetError):
@@ -293,17 +293,17 @@ def test_report_usage_notif_res_is_a_flag_word(tcp, make_file):
             wait_released(ring, rec, failed)
             assert cqes(ring, failed) == [(-errno.EPIPE, F_MORE), (ZC_COPIED_S32, F_NOTIF)]
             # raw ops are the ledger's: the engine's copied/zerocopy counts are its transfers' only
-            assert ring.statistics()["copied"] == 0 and ring.statistics()["zerocopy"] == 0
+            assert ring.statistics().copied == 0 and ring.statistics().zerocopy == 0
             # the kernel flags a failed send too, but the engine counts only sends that moved bytes
             t = ring.sendfile(client2, payload_file, mode="mmap")
-            assert t.wait_released(10) == len(payload)
+            assert t.released(10) == len(payload)
             client2.shutdown(socket.SHUT_WR)
             failed_t = ring.sendfile(client2, payload_file, mode="mmap")
             ring.wait([failed_t], 10, released=True)
             assert isinstance(failed_t.error, BrokenPipeError)
             notifs = [(e.transfer, e.res) for e in ring.trace() if e.notif and e.transfer is not None]
             assert notifs == [(t, ZC_COPIED_S32), (failed_t, ZC_COPIED_S32)]
-            assert ring.statistics()["copied"] == 1 and ring.statistics()["zerocopy"] == 0
+            assert ring.statistics().copied == 1 and ring.statistics().zerocopy == 0
         assert rx.join() == payload * 2
         assert rx2.join() == payload
     finally:
@@ -318,7 +318,7 @@ def test_send_zc_fixed_bad_index_or_range_is_efault(tcp):
     rec = Recorder()
     rx = Receiver(peer)
     with uringsend.Ring(entries=8, buffers=2, buffer_size=PAGE, trace=True) as ring:
-        ring._buffer_pool()
+        ring._register_pool()
         address = ring._core.pool_address
         ctypes.memmove(address(1), b"y" * 100, 100)
         bad_index = rec.op(ll.OP_SEND_ZC_FIXED, client.fileno(), addr=address(0), len=100, buf_index=5,

@@ -28,7 +28,7 @@ from uringsend import _lowlevel as ll
 from conftest import Receiver, tcp_pair, unix_pair
 from _faults import drop_to_nobody, private_file, run_child
 from _semantics import (ERESTARTSYS, F_MORE, F_NOTIF, PAGE, SPLICE_F_NONBLOCK, Recorder, cancel, cqes, fill,
-                        in_thread, pipe_pending, quiet, stalled_pair, submit, wait_for, wait_released,
+                        in_thread, pipe_pending, nothing_happens_for, stalled_pair, submit, wait_for, wait_released,
                         wait_res, workers)
 
 CAP_SYS_RESOURCE = 24
@@ -76,7 +76,7 @@ def _blocked_splices(n, max_workers):
             submit(ring, *[[op] for op in ops])
             expected = min(n, max_workers)
             wait_for(lambda: workers(tid) >= expected, what=f"{expected} io-wq workers")
-            quiet(ring, lambda: any(op.res is not None for op in ops))  # all blocked on the empty pipe
+            nothing_happens_for(ring, lambda: any(op.res is not None for op in ops))  # all blocked on the empty pipe
             seen = workers(tid)
             os.close(w)  # no writer left: every splice, running or queued, reads EOF
             w = None
@@ -143,7 +143,7 @@ def test_send_on_a_full_nonblocking_socket_is_poll_retried(opcode):
             send = rec.op(opcode, client.fileno(), addr=pin.address, len=len(payload),
                           op_flags=socket.MSG_NOSIGNAL)
             submit(ring, [send])
-            quiet(ring, lambda: send.res is not None)  # no -EAGAIN: it waits for POLLOUT
+            nothing_happens_for(ring, lambda: send.res is not None)  # no -EAGAIN: it waits for POLLOUT
             rx = Receiver(peer)
             assert wait_res(ring, send) == [len(payload)]
             if opcode == ll.OP_SEND_ZC:
@@ -168,9 +168,9 @@ def test_splice_engine_rearms_with_poll_after_eagain(make_file):
     try:
         with uringsend.Ring(pipe_size=65536, trace=True) as ring:
             t = ring.sendfile(client, path, mode="splice")
-            ring._drive(lambda: any(e.role == "send" and e.res == -errno.EAGAIN for e in ring.trace()), 10)
+            ring.driver.run_until(lambda: any(e.role == "send" and e.res == -errno.EAGAIN for e in ring.trace()), 10)
             gate.set()
-            assert t.wait(30) == len(data)
+            assert t.result(30) == len(data)
             ring.run_until_complete(10)
             trace = ring.trace()
         first_eagain = next(i for i, e in enumerate(trace) if e.role == "send" and e.res == -errno.EAGAIN)
@@ -227,7 +227,7 @@ def test_sendfile_leaves_the_file_position_alone(mode, make_file, tcp):
     with open(path, "rb") as f, uringsend.Ring() as ring:
         f.seek(123)
         t = ring.sendfile(client, f, 1000, mode=mode)
-        assert t.wait(10) == len(data) - 1000
+        assert t.result(10) == len(data) - 1000
         ring.run_until_complete(10)
         assert os.lseek(f.fileno(), 0, os.SEEK_CUR) == 123
     client.shutdown(socket.SHUT_WR)
@@ -245,7 +245,7 @@ def test_cancelling_a_running_splice_leaks_erestartsys():
         with uringsend.Ring(entries=8) as ring:
             splice = rec.op(ll.OP_SPLICE, a.fileno(), fd_in=r, off_in=-1, off=-1, len=1000)
             submit(ring, [splice])
-            quiet(ring, lambda: splice.res is not None)  # blocked in a worker: the socket is full
+            nothing_happens_for(ring, lambda: splice.res is not None)  # blocked in a worker: the socket is full
             assert cancel(ring, rec, splice) == -errno.EALREADY
             assert wait_res(ring, splice) == [-ERESTARTSYS]
         assert pipe_pending(r) == 1000  # nothing left the pipe
@@ -265,11 +265,11 @@ def test_splice_engine_counts_bytes_a_cancel_strands(make_file):
         filled = fill(a)
         with uringsend.Ring(pipe_size=65536, trace=True) as ring:
             t = ring.sendfile(a, path, mode="splice")
-            ring._drive(lambda: any(e.role == "fill" for e in ring.trace()), 10)
-            quiet(ring, lambda: t.done)
+            ring.driver.run_until(lambda: any(e.role == "fill" for e in ring.trace()), 10)
+            nothing_happens_for(ring, lambda: t.done())
             t.cancel()
             with pytest.raises(TransferCancelled):
-                t.wait(10)
+                t.result(10)
             ring.run_until_complete(10)
             results = [(e.role, e.res) for e in ring.trace()]
             # Around the transfer's own ops: the FILES_UPDATE that installed its socket and file
@@ -279,7 +279,7 @@ def test_splice_engine_counts_bytes_a_cancel_strands(make_file):
                                ("send", -ERESTARTSYS), ("unslot", -errno.ECANCELED), ("unslot", 2)]
             assert t.sent == 0 and t.stranded == 10_000
             # the pipe went back to the engine's pool, empty
-            assert ring.statistics()["pipes_idle"] == 1 and ring._core.idle_pipe_bytes() == 0
+            assert ring.statistics().pipes_idle == 1 and ring._core.idle_pipe_bytes() == 0
         a.shutdown(socket.SHUT_WR)
         assert Receiver(b).join() == b"f" * filled
     finally:
@@ -318,7 +318,7 @@ def test_pipe_sizes_round_up_and_stop_at_pipe_max_size(make_file):
     try:
         with uringsend.Ring(pipe_size=4 * max_size, trace=True) as ring:
             t = ring.sendfile(a, path, mode="splice")
-            assert t.wait(10) == len(data)
+            assert t.result(10) == len(data)
             ring.run_until_complete(10)
             assert next(e.len for e in ring.trace() if e.role == "fill") == max_size
         a.close()
@@ -351,7 +351,7 @@ def child_pipes_past_the_soft_limit():
         with uringsend.Ring(pipe_size=1 << 20, trace=True) as ring:
             rx = Receiver(b)
             t = ring.sendfile(a, f, mode="splice")
-            out["sent"] = t.wait(30)
+            out["sent"] = t.result(30)
             ring.run_until_complete(10)
             # the engine's pipe: a fill from offset 0 asks for exactly what the pipe holds
             out["capacity"] = next(e.len for e in ring.trace() if e.role == "fill")
@@ -428,7 +428,7 @@ def test_splice_engine_never_asks_more_than_the_pipe_holds(make_file, tcp):
     rx = Receiver(peer)
     with uringsend.Ring(pipe_size=16384, trace=True) as ring:
         t = ring.sendfile(client, path, 100, mode="splice")
-        assert t.wait(10) == len(data) - 100
+        assert t.result(10) == len(data) - 100
         ring.run_until_complete(10)
         trace = ring.trace()
     fills = [e for e in trace if e.role == "fill"]

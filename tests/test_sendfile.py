@@ -19,9 +19,9 @@ def send_and_receive(ring, pair, path, mode, offset=0, count=None, header=b""):
     client, peer = pair
     rx = Receiver(peer)
     t = ring.sendfile(client, path, offset, count, mode=mode, header=header)
-    sent = t.wait(60)
+    sent = t.result(60)
     if t.mode != "splice":
-        t.wait_released(60)
+        t.released(60)
     client.shutdown(socket.SHUT_WR)
     return t, sent, rx.join()
 
@@ -35,7 +35,7 @@ def test_delivers_identical_bytes(mode, size, offset, any_pair, make_file):
         t, sent, got = send_and_receive(ring, any_pair, path, mode, offset)
         assert sent == size and t.sent == size and not t.short
         assert sha(got) == sha(data[offset:])
-        assert ring.statistics()["pending_notifs"] == 0
+        assert ring.statistics().pending_notifs == 0
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -86,7 +86,7 @@ def test_file_truncated_mid_transfer_ends_short(mode, make_file, tmp_path):
         os.truncate(path, 1 << 20)
         rx = Receiver(peer)
         try:
-            sent = t.wait(60)
+            sent = t.result(60)
         except OSError as exc:  # mmap mode may see the pages vanish under a send: EFAULT is named
             pytest.fail(f"truncation raised {exc!r}")
         ring.run_until_complete(60)
@@ -104,7 +104,7 @@ def test_empty_file(mode, make_file, tcp):
     path, _ = make_file(0)
     with uringsend.Ring() as ring:
         t, sent, got = send_and_receive(ring, tcp, path, mode)
-        assert sent == 0 and got == b"" and t.settled
+        assert sent == 0 and got == b"" and t.settled()
 
 
 def test_many_concurrent_transfers_on_one_ring(make_file):
@@ -131,10 +131,10 @@ def test_many_concurrent_transfers_on_one_ring(make_file):
                         sel.unregister(key.fileobj)
                         open_peers -= 1
             ring.run_until_complete(60)
-            assert all(t.settled and t.error is None and t.sent == len(data) for t in ts)
+            assert all(t.settled() and t.error is None and t.sent == len(data) for t in ts)
             stats = ring.statistics()
-            assert stats["buffers_free"] == stats["buffers_total"] == 16
-            assert stats["pending_notifs"] == 0 and stats["transfers_active"] == 0
+            assert stats.buffers_free == stats.buffers_total == 16
+            assert stats.pending_notifs == 0 and stats.transfers_active == 0
         assert all(bytes(b) == data for b in got.values())
     finally:
         sel.close()
@@ -150,10 +150,10 @@ def test_splice_mode_sends_what_the_file_holds_when_the_peer_reads(make_file, tc
     client, peer = tcp
     with uringsend.Ring() as ring:
         t = ring.sendfile(client, path, mode="splice")
-        assert t.wait(10) == 65536
+        assert t.result(10) == 65536
         assert {e.kind for e in t.events} == {"queued"}
         with pytest.raises(uringsend.ReleaseNotReported):
-            t.wait_released(1)
+            t.released(1)
         new = bytes(b ^ 0xFF for b in data)
         fd = os.open(path, os.O_WRONLY)
         os.pwrite(fd, new, 0)
@@ -170,7 +170,7 @@ def test_stable_modes_send_a_snapshot(mode, make_file, tcp):
     client, peer = tcp
     with uringsend.Ring() as ring:
         t = ring.sendfile(client, path, mode=mode)
-        t.wait_released(10)
+        t.released(10)
         fd = os.open(path, os.O_WRONLY)
         os.pwrite(fd, bytes(b ^ 0xFF for b in data), 0)
         os.close(fd)
@@ -189,11 +189,11 @@ def test_mmap_releases_only_after_the_slow_peer_reads(make_file):
         for _ in range(5):
             ring.poll(0.05)  # give the kernel every chance to (wrongly) report a release
         assert not [e for e in t.events if e.kind == "released"]
-        assert not t.done
+        assert not t.done()
         rx = Receiver(peer)
         rx.first_byte.wait(10)
         first_read_ns = time.perf_counter_ns()
-        t.wait_released(30)
+        t.released(30)
         released = [e for e in t.events if e.kind == "released"]
         assert sum(e.nbytes for e in released) == len(data)
         client.shutdown(socket.SHUT_WR)
@@ -208,11 +208,11 @@ def test_on_release_called_per_chunk_and_errors_raised_from_wait(make_file, tcp)
     with uringsend.Ring(chunk_size=256 << 10) as ring:
         rx = Receiver(peer)
         t = ring.sendfile(client, path, mode="mmap", on_release=seen.append)
-        t.wait_released(10)
+        t.released(10)
         assert sum(e.nbytes for e in seen) == len(data) and len(seen) == 4
         t2 = ring.sendfile(client, path, mode="copy", on_release=lambda e: 1 / 0)
         with pytest.raises(ZeroDivisionError):
-            t2.wait_released(10)
+            t2.released(10)
         client.shutdown(socket.SHUT_WR)
         assert rx.join() == data + data
 
@@ -222,8 +222,8 @@ def test_blocking_sendfile_convenience(make_file, tcp):
     client, peer = tcp
     rx = Receiver(peer)
     with open(path, "rb") as f:
-        t = uringsend.sendfile(client, f, mode="mmap")
-    assert t.settled and t.sent == len(data)
+        assert uringsend.sendfile(client, f, mode="mmap") == len(data)
+        assert f.tell() == len(data)  # as socket.sendfile leaves it
     client.shutdown(socket.SHUT_WR)
     assert rx.join() == data
 
@@ -238,7 +238,7 @@ def test_cancel_in_flight_transfer(make_file):
                 ring.poll(0.05)
                 t.cancel()
                 with pytest.raises(uringsend.TransferCancelled) as exc:
-                    t.wait(10)
+                    t.result(10)
                 assert exc.value.errno == errno.ECANCELED
                 ring.run_until_complete(10) if mode == "splice" else None
                 if mode in STABLE:
@@ -264,7 +264,7 @@ def test_bad_arguments_raise_before_anything_is_submitted(bad, exc_type, err, ma
     with uringsend.Ring() as ring:
         with pytest.raises(exc_type):
             ring.sendfile(tcp[0], path, **bad)
-        assert ring.statistics()["completions"] == 0 and len(ring.ledger) == 0
+        assert ring.statistics().completions == 0 and len(ring.ledger) == 0
 
 
 def test_bad_targets(make_file, tmp_path, tcp):
@@ -293,10 +293,10 @@ def test_peer_reset_mid_transfer(mode, make_file):
             peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
             peer.close()
             with pytest.raises((ConnectionResetError, BrokenPipeError)):
-                t.wait(10)
+                t.result(10)
             ring.run_until_complete(10)
             stats = ring.statistics()
-            assert stats["pending_notifs"] == 0 and stats["buffers_free"] == stats["buffers_total"]
+            assert stats.pending_notifs == 0 and stats.buffers_free == stats.buffers_total
 
 
 def test_tee_to_many_sockets(make_file):
@@ -305,7 +305,7 @@ def test_tee_to_many_sockets(make_file):
     rx = [Receiver(p) for _, p in pairs]
     try:
         with uringsend.Ring() as ring:
-            ts = ring.tee(path, [c for c, _ in pairs], offset=5)
+            ts = ring.tee([c for c, _ in pairs], path, offset=5)
             ring.wait(ts, 30)
             assert [t.sent for t in ts] == [len(data) - 5] * 4
             ring.run_until_complete(10)
@@ -327,17 +327,17 @@ def test_tee_cancelling_one_socket_leaves_the_others_whole(make_file):
     rx = [Receiver(p, gate=gate if i == 1 else None) for i, (_, p) in enumerate(pairs)]
     try:
         with uringsend.Ring() as ring:
-            ts = ring.tee(path, [c for c, _ in pairs])
+            ts = ring.tee([c for c, _ in pairs], path)
             ring.poll(0.01)
             ts[1].cancel()
             ring.wait(ts, 30)
             gate.set()
             with pytest.raises(uringsend.TransferCancelled):
-                ts[1].wait(0)
+                ts[1].result(0)
             assert ts[1].sent < len(data)
-            assert [ts[0].wait(0), ts[2].wait(0)] == [len(data)] * 2
+            assert [ts[0].result(0), ts[2].result(0)] == [len(data)] * 2
             ring.run_until_complete(10)
-            assert ring.statistics()["transfers_active"] == 0
+            assert ring.statistics().transfers_active == 0
         for i, (c, _) in enumerate(pairs):
             c.shutdown(socket.SHUT_WR)
         got = [r.join() for r in rx]
@@ -358,7 +358,7 @@ def test_tee_count_and_a_file_that_ends_early(make_file):
     try:
         with uringsend.Ring() as ring:
             fd = os.open(path, os.O_RDONLY)
-            ts = ring.tee(fd, [c.fileno() for c, _ in pairs], offset=3, count=10 << 20)
+            ts = ring.tee([c.fileno() for c, _ in pairs], fd, offset=3, count=10 << 20)
             os.close(fd)
             ring.wait(ts, 30)
             assert [t.sent for t in ts] == [len(data) - 3] * 2
@@ -381,7 +381,7 @@ def test_tee_survives_one_peer_resetting(make_file):
     rx = [Receiver(p) if i != 1 else None for i, (_, p) in enumerate(pairs)]
     try:
         with uringsend.Ring() as ring:
-            ts = ring.tee(path, [c for c, _ in pairs])
+            ts = ring.tee([c for c, _ in pairs], path)
             ring.poll(0.01)
             victim.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
             victim.close()
@@ -405,20 +405,20 @@ def test_mapping_is_made_once_per_file(make_file, tcp):
     rx = Receiver(peer)
     with uringsend.Ring() as ring:
         for mode in ("copy", "mmap", "copy"):
-            ring.sendfile(client, path, mode=mode).wait_released(10)
-        assert ring.statistics()["mappings_created"] == 1
+            ring.sendfile(client, path, mode=mode).released(10)
+        assert ring.statistics().mappings_created == 1
         with open(path, "ab") as f:  # the file grows: a new mapping, never a stale one
             f.write(b"tail")
-        ring.sendfile(client, path, mode="copy").wait_released(10)
-        assert ring.statistics()["mappings_created"] == 2
-        assert ring.statistics()["mappings_busy"] == 0
+        ring.sendfile(client, path, mode="copy").released(10)
+        assert ring.statistics().mappings_created == 2
+        assert ring.statistics().mappings_busy == 0
     client.shutdown(socket.SHUT_WR)
     assert rx.join() == data * 3 + data + b"tail"
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_non_blocking_socket_that_fills(mode, make_file):
-    """O_NONBLOCK socket, peer reading late: splice gets literal -EAGAIN CQEs (rule 6) and is
+    """O_NONBLOCK socket, peer reading late: splice gets literal -EAGAIN CQEs [KF 6] and is
     re-armed with POLL_ADD; sends are poll-retried by the kernel. Data arrives intact."""
     path, data = make_file((4 << 20) + 123)
     client, peer = tcp_pair(rcvbuf=16384)
@@ -429,11 +429,11 @@ def test_non_blocking_socket_that_fills(mode, make_file):
         rx = Receiver(peer, gate=gate)
         t = ring.sendfile(client, path, mode=mode)
         if mode == "splice":  # the peer is not reading: the socket must fill and say -EAGAIN
-            ring._drive(lambda: any(e.res == -errno.EAGAIN for e in ring.trace()), 10)
+            ring.driver.run_until(lambda: any(e.res == -errno.EAGAIN for e in ring.trace()), 10)
         else:
             ring.poll(0.05)
         gate.set()
-        assert t.wait(30) == len(data)
+        assert t.result(30) == len(data)
         ring.run_until_complete(30)
         client.shutdown(socket.SHUT_WR)
         assert rx.join() == data
@@ -470,7 +470,7 @@ def test_large_file_rss_stays_bounded(mode, make_file, tcp):
     with uringsend.Ring() as ring:
         t = ring.sendfile(client, path, mode=mode,
                           on_release=lambda e: peak.append(proc.memory_info().rss))
-        t.wait_released(60)
+        t.released(60)
     client.shutdown(socket.SHUT_WR)
     reader.join(60)
     assert digest.hexdigest() == sha(data)
@@ -486,16 +486,16 @@ def test_a_small_transfer_costs_one_enter_and_no_fd(make_file, tcp):
     client, peer = tcp
     with open(path, "rb") as f, uringsend.Ring() as ring:
         rx = Receiver(peer)
-        assert ring.sendfile(client, f, mode="copy").wait_released(5) == len(data)
+        assert ring.sendfile(client, f, mode="copy").released(5) == len(data)
         fds = len(os.listdir("/proc/self/fd"))
         before = ring.statistics()
         for _ in range(50):
             t = ring.sendfile(client, f, mode="copy")
-            assert t.done and t.settled  # completed inside sendfile()
-            assert t.wait_released(0) == len(data)
+            assert t.done() and t.settled()  # completed inside sendfile()
+            assert t.released(0) == len(data)
         after = ring.statistics()
-        assert after["enters"] - before["enters"] == 50
-        assert after["fds_duplicated"] == 0 and after["fixed_files"] > 0
+        assert after.enters - before.enters == 50
+        assert after.fds_duplicated == 0 and after.fixed_files > 0
         assert len(os.listdir("/proc/self/fd")) == fds
         client.shutdown(socket.SHUT_WR)
         assert rx.join() == data * 51
@@ -520,11 +520,11 @@ def test_the_blocking_one_liner_reuses_a_ring_per_thread(make_file, tcp):
 
     base = rings_open()
     for _ in range(20):
-        assert uringsend.sendfile(client, path).sent == len(data)
+        assert uringsend.sendfile(client, path) == len(data)
     assert rings_open() == base + 1
 
     def other_thread():
-        rings.append(uringsend.sendfile(client, path).sent)
+        rings.append(uringsend.sendfile(client, path))
 
     th = threading.Thread(target=other_thread)
     th.start()

@@ -175,7 +175,7 @@ def test_every_size_is_byte_identical(mode, tree, tmp_path):
                 assert resp.status == 200 and sha(resp.read()) == digest, name
         finally:
             conn.close()
-        assert srv.settled_statistics()["ring"]["transfers_active"] == 0
+        assert srv.settled_statistics()["ring"].transfers_active == 0
 
 
 @need_curl
@@ -424,7 +424,7 @@ def test_stalled_reader_is_cut_off(mode, tree):
             assert wait_hangup(client), "the server did not give up on a stalled client"
         assert sha(fetch(srv.port, "/5m.bin")[2]) == digests["5m.bin"]
         stats = srv.settled_statistics()["ring"]
-        assert stats["pending_notifs"] == 0 and stats["buffers_free"] == stats["buffers_total"]
+        assert stats.pending_notifs == 0 and stats.buffers_free == stats.buffers_total
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -440,7 +440,7 @@ def test_client_vanishing_mid_body_costs_only_its_transfer(mode, tree):
             client.close()
         assert sha(fetch(srv.port, "/5m.bin")[2]) == digests["5m.bin"]
         stats = srv.settled_statistics()["ring"]
-        assert stats["transfers_active"] == 0 and stats["pending_notifs"] == 0
+        assert stats.transfers_active == 0 and stats.pending_notifs == 0
 
 
 def test_connection_limit(tree):

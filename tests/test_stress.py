@@ -381,7 +381,7 @@ class Stress:
             kw["offset"] = offset
         if count is not None:
             kw["count"] = count
-        ts = self.ring.tee(self.file_arg(f), [j.client for j in group], **kw)
+        ts = self.ring.tee([j.client for j in group], self.file_arg(f), **kw)
         assert len(ts) == len(group)
         for j, t in zip(group, ts):
             j.t = t
@@ -398,7 +398,7 @@ class Stress:
 
     # -- actions --
     def running(self):
-        return [j for j in self.jobs if not j.t.done]
+        return [j for j in self.jobs if not j.t.done()]
 
     def act(self):
         rng = self.rng
@@ -452,7 +452,7 @@ class Stress:
         out = []
         for f in self.step_files:
             if f.mutated is None and f.jobs and len({id(j.group or j) for j in f.jobs}) == 1:
-                if any(not j.t.settled for j in f.jobs) and f.content:
+                if any(not j.t.settled() for j in f.jobs) and f.content:
                     out.append(f)
         return out
 
@@ -558,14 +558,14 @@ class Stress:
         released = j.stable and self.rng.random() < 0.5
         try:
             if released:
-                j.t.wait_released(TIMEOUT)
+                j.t.released(TIMEOUT)
             else:
-                j.t.wait(TIMEOUT)
+                j.t.result(TIMEOUT)
         except TimeoutError:
             raise
         except OSError:
             pass  # the outcome is checked with the others at the end of the step
-        assert j.t.done and (j.t.settled or not released)
+        assert j.t.done() and (j.t.settled() or not released)
         self.log.append(f"wait{'_released' if released else ''} #{self.jobs.index(j)}")
 
     def check_running(self):
@@ -574,13 +574,13 @@ class Stress:
             t = j.t
             assert t.sent >= j.last[0] and t.header_sent >= j.last[1], (j.last, t.sent, t.header_sent)
             j.last = (t.sent, t.header_sent)
-            assert not t.settled or t.done
+            assert not t.settled() or t.done()
             assert 0 <= t.sent <= max(j.planned, 0) and 0 <= t.header_sent <= len(j.header)
             if j.stable:
                 assert sum(b - a for a, b in j.released_ranges()) <= t.sent + t.header_sent
         st = self.ring.statistics()
-        assert 0 <= st["buffers_free"] <= st["buffers_total"], st
-        assert st["zc_bytes_unreleased"] >= 0 and st["pending_notifs"] >= 0, st
+        assert 0 <= st.buffers_free <= st.buffers_total, st
+        assert st.zc_bytes_unreleased >= 0 and st.pending_notifs >= 0, st
 
     # -- a step --
     def step(self, index):
@@ -600,7 +600,7 @@ class Stress:
         closing = rng.random() < 0.25
         if closing:
             for j in self.jobs:
-                j.closed_running = not j.t.done
+                j.closed_running = not j.t.done()
             self.log.append(f"close the ring with {sum(j.closed_running for j in self.jobs)} running")
             self.close_ring()
         else:
@@ -645,21 +645,21 @@ class Stress:
         self.log.append(f"settle: {how}")
         if how == "ring.wait":
             self.ring.wait(ts, TIMEOUT)
-            assert all(t.done for t in ts)
+            assert all(t.done() for t in ts)
             self.ring.wait(ts, TIMEOUT, released=True)
         elif how == "run_until_complete":
             self.ring.run_until_complete(TIMEOUT)
         else:
             for j in rng.sample(self.jobs, len(self.jobs)):
                 try:
-                    j.t.wait_released(TIMEOUT) if j.stable else j.t.wait(TIMEOUT)
+                    j.t.released(TIMEOUT) if j.stable else j.t.result(TIMEOUT)
                 except TimeoutError:
                     raise
                 except OSError:
                     pass  # checked below
-                assert j.t.done and (j.t.settled or not j.stable)
+                assert j.t.done() and (j.t.settled() or not j.stable)
             self.ring.wait(ts, TIMEOUT, released=True)
-        assert all(t.settled for t in ts)
+        assert all(t.settled() for t in ts)
 
     def await_peers(self):
         """Wait for every peer to see EOF, driving the ring meanwhile. With DEFER_TASKRUN the
@@ -678,10 +678,10 @@ class Stress:
         ring, self.ring = self.ring, None
         ring.close()
         st = ring.statistics()
-        assert st["kept_alive"] == 0, st
-        assert st["transfers_active"] == 0, st
+        assert st.kept_alive == 0, st
+        assert st.transfers_active == 0, st
         for j in self.jobs:
-            assert j.t.done and j.t.settled, j.describe()
+            assert j.t.done() and j.t.settled(), j.describe()
 
     def check_fds(self):
         """With no ring open and every socket and file of the steps closed, no fd is left."""
@@ -697,12 +697,12 @@ class Stress:
 
     def check_idle(self):
         st = self.ring.statistics()
-        assert st["buffers_free"] == st["buffers_total"], st
-        assert st["zc_bytes_unreleased"] == 0, st
-        assert st["pending_notifs"] == 0, st
-        assert st["transfers_active"] == 0, st
-        assert st["mappings_busy"] == 0, st
-        assert st["kept_alive"] == 0, st
+        assert st.buffers_free == st.buffers_total, st
+        assert st.zc_bytes_unreleased == 0, st
+        assert st.pending_notifs == 0, st
+        assert st.transfers_active == 0, st
+        assert st.mappings_busy == 0, st
+        assert st.kept_alive == 0, st
 
     def cleanup_files(self):
         for f in self.step_files:
@@ -716,7 +716,7 @@ class Stress:
     # -- the checks of one transfer --
     def check_job(self, j, got):
         t = j.t
-        assert t.done and t.settled
+        assert t.done() and t.settled()
         hs, sent = t.header_sent, t.sent
         assert 0 <= sent <= j.planned
         assert 0 <= hs <= len(j.header)
@@ -736,16 +736,16 @@ class Stress:
         # the transfer's own view of its result
         if self.ring is not None and j.kind == "sendfile":
             if t.error is None:
-                assert t.wait(0) == sent
+                assert t.result(0) == sent
             else:
                 with pytest.raises(OSError) as info:
-                    t.wait(0)
+                    t.result(0)
                 assert type(info.value) is type(t.error) and info.value.errno == t.error.errno
             if t.mode == "splice":
                 with pytest.raises(ReleaseNotReported):
-                    t.wait_released(0)
+                    t.released(0)
             elif t.error is None:
-                assert t.wait_released(0) == sent
+                assert t.released(0) == sent
 
     def check_outcome(self, j):
         t, f = j.t, j.file

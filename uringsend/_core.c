@@ -57,13 +57,13 @@
 #define CHANGES_MAX 256
 #define PAGE 4096
 
-enum role { R_NONE, R_INSTALL, R_UNSLOT, R_POLL, R_HEADER, R_FILL, R_SEND, R_CANCEL, R_RAW, R_TEE };
+enum role { R_NONE, R_INSTALL, R_UNSLOT, R_POLL, R_HEADER, R_FILL, R_SEND, R_CANCEL, R_RAW, R_TEE, R_TRAILER };
 enum op_state { OP_FREE, OP_RESULT, OP_NOTIF };
 enum wait_kind { W_NONE, W_BUFFER, W_BUDGET };
 
 struct op {
     struct xfer *x;          /* owner; NULL for a raw op */
-    int64_t offset;          /* file offset of the chunk (-1 header) */
+    int64_t offset;          /* file offset of the chunk (-1 header or trailer) */
     uint32_t gen;            /* high half of user_data: a late CQE never reaches a newer op */
     uint32_t next_free;
     uint32_t len;
@@ -102,6 +102,7 @@ struct xfer {
     int64_t pos;             /* first file byte not yet accepted by the socket */
     uint8_t *header;         /* this allocation's tail */
     uint32_t header_len;
+    uint32_t trailer_len;    /* trailer bytes follow the header's */
     int sock, file;          /* slot index when *_fixed, else our own duplicate, else -1 */
     uint8_t sock_fixed, file_fixed, sock_held, file_held, uses_file;
     int32_t install_fd[2];   /* read by FILES_UPDATE: lives as long as the transfer */
@@ -112,7 +113,7 @@ struct xfer {
     unsigned stalls;
     int32_t last_res;
     int64_t mark_pos;
-    uint64_t mark_header;
+    uint64_t mark_header;    /* header + trailer bytes sent when the chain was built */
     unsigned chain_left, outstanding;
     uint64_t chain[MAX_CHAIN];   /* user_data of the chain's members, for cancels */
     unsigned chain_len;
@@ -534,6 +535,8 @@ static void use_sock(struct io_uring_sqe *sqe, struct xfer *x)
 /* ---- building chains ------------------------------------------------------------------------ */
 
 static uint32_t header_left(struct xfer *x) { return x->header_len - (uint32_t)x->pub.header_sent; }
+static uint32_t trailer_left(struct xfer *x) { return x->trailer_len - (uint32_t)x->pub.trailer_sent; }
+static uint64_t extra_sent(struct xfer *x) { return x->pub.header_sent + x->pub.trailer_sent; }
 
 static void finish(struct us_core *c, struct xfer *x);
 static void maybe_settle(struct us_core *c, struct xfer *x);
@@ -654,7 +657,7 @@ static void build_unslot(struct us_core *c, struct xfer *x)
 static void pump(struct us_core *c, struct xfer *x)
 {
     unsigned need, per_chunk, k, unslot;
-    uint32_t left;
+    uint32_t left, tleft;
     int64_t end;
     struct io_uring_sqe *sqe;
     int body = 0;
@@ -666,7 +669,8 @@ static void pump(struct us_core *c, struct xfer *x)
     if (x->chain_left || x->pub.done || x->waiting)
         return;
     left = header_left(x);
-    if (x->pub.error || x->cancelled || (x->pos >= x->pub.end && !left)) {
+    tleft = trailer_left(x);
+    if (x->pub.error || x->cancelled || (x->pos >= x->pub.end && !left && !tleft)) {
         finish(c, x);
         return;
     }
@@ -677,7 +681,7 @@ static void pump(struct us_core *c, struct xfer *x)
         return;
     }
     per_chunk = (x->pub.mode == US_MODE_SPLICE || x->pub.mode == US_MODE_ZEROCOPY) ? 2 : 1;
-    need = x->poll_first + (left ? 1 : 0) + x->window * per_chunk;
+    need = x->poll_first + (left ? 1 : 0) + x->window * per_chunk + (tleft ? 1 : 0);
     unslot = need < c->sq_entries;  /* room for emptying the slots at the tail of a final chain */
     if (!room(c, need + unslot)) {
         c->st.sq_full++;
@@ -703,7 +707,7 @@ static void pump(struct us_core *c, struct xfer *x)
         sqe->flags |= IOSQE_IO_LINK;
     }
     if (left) {
-        int more = x->pos < x->pub.end;
+        int more = x->pos < x->pub.end || tleft;
         uint32_t i = op_new(c, x, IORING_OP_SEND, R_HEADER);
         c->ops[i].len = left;
         sqe = sqe_for(c, x, i, 1);
@@ -719,6 +723,17 @@ static void pump(struct us_core *c, struct xfer *x)
         body = build_body(c, x, x->pos, end, k);
     else
         x->final_chain = 1;
+    if (x->final_chain && tleft) {
+        /* the trailer follows the body's last chunk in the same chain, as one stream */
+        uint32_t i = op_new(c, x, IORING_OP_SEND, R_TRAILER);
+        c->ops[i].len = tleft;
+        sqe = sqe_for(c, x, i, 1);
+        io_uring_prep_send(sqe, x->sock, x->header + x->header_len + x->pub.trailer_sent, tleft,
+                           SEND_FLAGS);
+        use_sock(sqe, x);
+        sqe->flags |= IOSQE_IO_LINK;
+        body = 1;
+    }
     if (!body && !left && !x->poll_first) {
         x->chain_len = 0;
         return;  /* starved: a buffer or the budget will ready it */
@@ -728,7 +743,7 @@ static void pump(struct us_core *c, struct xfer *x)
     c->last_sqe->flags &= (uint8_t)~IOSQE_IO_LINK;  /* the last member ends the chain */
     x->poll_first = 0;
     x->mark_pos = x->pos;
-    x->mark_header = x->pub.header_sent;
+    x->mark_header = extra_sent(x);
 }
 
 /* Pump the transfers readied so far. One readied again (no SQ room) waits for the next round; a
@@ -788,7 +803,7 @@ static void check_size(struct xfer *x)
 
 static void finish(struct us_core *c, struct xfer *x)
 {
-    if (x->cancelled && !x->pub.error && (x->pos < x->pub.end || header_left(x))) {
+    if (x->cancelled && !x->pub.error && (x->pos < x->pub.end || header_left(x) || trailer_left(x))) {
         x->pub.error = ECANCELED;
         x->pub.err_kind = US_ERR_CANCELLED;
     }
@@ -800,6 +815,7 @@ static void finish(struct us_core *c, struct xfer *x)
     if (x->sock_held && x->sock_fixed)
         return;  /* no SQ room for emptying the slot yet: ready again */
     x->pub.done = 1;
+    c->st.transfers_running--;
     change(c, x, US_CH_DONE);
     maybe_settle(c, x);
 }
@@ -958,6 +974,8 @@ static void sent(struct us_core *c, struct xfer *x, struct op *op, int32_t n)
     int64_t offset = -1;
     if (op->role == R_HEADER) {
         x->pub.header_sent += (uint32_t)n;
+    } else if (op->role == R_TRAILER) {
+        x->pub.trailer_sent += (uint32_t)n;
     } else {
         x->pos = op->offset + n;
         x->pub.sent += (uint32_t)n;
@@ -983,8 +1001,8 @@ static void chain_over(struct us_core *c, struct xfer *x)
         if (n > 0)
             x->pub.stranded += pipe_drain(x->pipe);  /* resent from the file */
     }
-    if (x->mark_pos == x->pos && x->mark_header == x->pub.header_sent && x->pos < x->pub.end &&
-        !x->poll_first)
+    if (x->mark_pos == x->pos && x->mark_header == extra_sent(x) &&
+        (x->pos < x->pub.end || trailer_left(x)) && !x->poll_first)
         x->stalls++;
     else
         x->stalls = 0;
@@ -1020,6 +1038,7 @@ static void on_result(struct us_core *c, uint32_t i, int32_t res, uint32_t flags
         x->last_res = res;
     switch (op->role) {
     case R_HEADER:
+    case R_TRAILER:
     case R_SEND:
         if (res >= 0) {
             sent(c, x, op, res);
@@ -1402,7 +1421,8 @@ static struct us_xfer *start_failed(struct us_core *c, int why, int err)
 }
 
 struct us_xfer *us_start(struct us_core *c, int mode, int sock_fd, int file_fd, int64_t offset,
-                         int64_t count, const char *header, uint32_t header_len, int notify)
+                         int64_t count, const char *extra, uint32_t header_len, uint32_t trailer_len,
+                         int notify)
 {
     struct xfer *x;
     struct stat st;
@@ -1425,14 +1445,14 @@ struct us_xfer *us_start(struct us_core *c, int mode, int sock_fd, int file_fd, 
         return start_failed(c, US_START_OFFSET, EINVAL);
     }
     end = count < 0 || count > st.st_size - offset ? st.st_size : offset + count;
-    empty = end <= offset && !header_len;
+    empty = end <= offset && !header_len && !trailer_len;
     if ((mode == US_MODE_MMAP || mode == US_MODE_COPY) && end > offset) {
         int err = 0;
         map = map_get(c, file_fd, &st, &err);
         if (!map)
             return start_failed(c, US_START_MAP, -err);
     }
-    x = calloc(1, sizeof(*x) + header_len);
+    x = calloc(1, sizeof(*x) + header_len + trailer_len);
     if (!x) {
         if (map && !map->users && map->large)
             map_free(map);
@@ -1451,8 +1471,9 @@ struct us_xfer *us_start(struct us_core *c, int mode, int sock_fd, int file_fd, 
     x->pub.started_ns = now_ns();
     x->pos = offset;
     x->header = (uint8_t *)(x + 1);
-    memcpy(x->header, header, header_len);
+    memcpy(x->header, extra, header_len + trailer_len);  /* the header, then the trailer */
     x->header_len = x->pub.header_len = header_len;
+    x->trailer_len = x->pub.trailer_len = trailer_len;
     x->sock = x->file = -1;
     x->uses_file = (uint8_t)uses_file;
     x->zc = mode == US_MODE_ZEROCOPY || mode == US_MODE_MMAP;
@@ -1473,8 +1494,8 @@ struct us_xfer *us_start(struct us_core *c, int mode, int sock_fd, int file_fd, 
             map->users++;
         }
     }
-    {   /* a chain (install, poll, header, chunks, unslot) must fit the SQ: it is never split */
-        unsigned per = uses_file ? 2 : 1, fixed = 4;
+    {   /* a chain (install, poll, header, chunks, trailer, unslot) must fit the SQ: never split */
+        unsigned per = uses_file ? 2 : 1, fixed = 5;
         if (c->sq_entries > fixed + per) {
             unsigned w = (c->sq_entries - fixed) / per;
             if (w < x->window)
@@ -1485,6 +1506,7 @@ struct us_xfer *us_start(struct us_core *c, int mode, int sock_fd, int file_fd, 
     }
     c->st.transfers_started++;
     c->st.transfers_active++;
+    c->st.transfers_running++;
     x->next_active = c->active;
     if (c->active)
         c->active->prev_active = x;
@@ -1492,6 +1514,7 @@ struct us_xfer *us_start(struct us_core *c, int mode, int sock_fd, int file_fd, 
 
     if (empty) {
         x->pub.done = 1;
+        c->st.transfers_running--;
         maybe_settle(c, x);
         return &x->pub;
     }
@@ -1896,6 +1919,7 @@ static void tee_finish(struct us_core *c, struct tee *t, struct xfer *x)
         x->sock_held = 0;
     }
     x->pub.done = 1;
+    c->st.transfers_running--;
     change(c, x, US_CH_DONE);
 }
 
@@ -2256,6 +2280,7 @@ int us_tee(struct us_core *c, int file_fd, const int *socks, unsigned n, int64_t
         struct xfer *x = t->dest[i];
         c->st.transfers_started++;
         c->st.transfers_active++;
+        c->st.transfers_running++;
         x->next_active = c->active;
         if (c->active)
             c->active->prev_active = x;

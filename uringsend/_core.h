@@ -53,7 +53,7 @@
 #define US_OP_DUP 251
 
 struct us_event {
-    int64_t offset;      /* file offset of the chunk; -1 for the header */
+    int64_t offset;      /* file offset of the chunk; -1 for the header or trailer */
     int64_t t_ns;        /* CLOCK_MONOTONIC when the completion was handled */
     uint32_t nbytes;
     uint8_t kind;        /* US_SENT, US_RELEASED, US_QUEUED */
@@ -68,6 +68,7 @@ struct us_xfer {
     int64_t planned;         /* bytes planned at the start (the range clamped to the file's size) */
     uint64_t sent;           /* file bytes the socket accepted, in order */
     uint64_t header_sent;
+    uint64_t trailer_sent;
     uint64_t stranded;       /* bytes found in a pipe after a broken chain, and discarded */
     int64_t started_ns;
     int64_t released_ns;     /* when the last RELEASED event so far was recorded; 0 none */
@@ -75,6 +76,7 @@ struct us_xfer {
     int32_t error;           /* errno of the first failure; 0 none */
     uint32_t nevents;
     uint32_t header_len;
+    uint32_t trailer_len;
     struct us_event *events;
     uint8_t mode;
     uint8_t err_kind;
@@ -126,7 +128,8 @@ struct us_trace {
 
 struct us_stats {
     uint64_t transfers_started;
-    uint64_t transfers_active;
+    uint64_t transfers_active;   /* started, not yet settled */
+    uint64_t transfers_running;  /* started, not yet done */
     uint64_t ops_in_flight;      /* results still due */
     uint64_t pending_notifs;
     uint64_t completions;
@@ -175,7 +178,8 @@ int us_core_close(struct us_core *c);
 void us_core_free(struct us_core *c);
 
 struct us_xfer *us_start(struct us_core *c, int mode, int sock_fd, int file_fd, int64_t offset,
-                         int64_t count, const char *header, uint32_t header_len, int notify);
+                         int64_t count, const char *extra, uint32_t header_len, uint32_t trailer_len,
+                         int notify);
 int us_core_start_error(struct us_core *c, int64_t *size);
 int us_tee(struct us_core *c, int file_fd, const int *socks, unsigned n, int64_t offset, int64_t count,
            int notify, struct us_xfer **out);

@@ -17,25 +17,19 @@ IOSQE_IO_HARDLINK = lib.IOSQE_IO_HARDLINK
 IOSQE_CQE_SKIP_SUCCESS = lib.IOSQE_CQE_SKIP_SUCCESS
 
 OP_NOP = lib.IORING_OP_NOP
-OP_READ_FIXED = lib.IORING_OP_READ_FIXED
 OP_POLL_ADD = lib.IORING_OP_POLL_ADD
 OP_ASYNC_CANCEL = lib.IORING_OP_ASYNC_CANCEL
-OP_FILES_UPDATE = lib.IORING_OP_FILES_UPDATE
-OP_READ = lib.IORING_OP_READ
 OP_SEND = lib.IORING_OP_SEND
 OP_SPLICE = lib.IORING_OP_SPLICE
 OP_TEE = lib.IORING_OP_TEE
 OP_SEND_ZC = lib.IORING_OP_SEND_ZC
 OP_SEND_ZC_FIXED = lib.US_OP_SEND_ZC_FIXED  # SEND_ZC with IORING_RECVSEND_FIXED_BUF
-OP_DUP = lib.US_OP_DUP
 
 MODE_CODES = {"splice": lib.US_MODE_SPLICE, "zerocopy": lib.US_MODE_ZEROCOPY,
               "mmap": lib.US_MODE_MMAP, "copy": lib.US_MODE_COPY}
-MODE_NAMES = {code: name for name, code in MODE_CODES.items()}
 SENT, RELEASED, QUEUED = lib.US_SENT, lib.US_RELEASED, lib.US_QUEUED
 ERR_OP, ERR_CANCELLED, ERR_TRUNCATED = lib.US_ERR_OP, lib.US_ERR_CANCELLED, lib.US_ERR_TRUNCATED
 ERR_MEMLOCK, ERR_STALL = lib.US_ERR_MEMLOCK, lib.US_ERR_STALL
-FALLBACK_NO_SEND_ZC = lib.US_FALLBACK_NO_SEND_ZC
 CH_DONE, CH_SETTLED, CH_RELEASED, CH_RAW = lib.US_CH_DONE, lib.US_CH_SETTLED, lib.US_CH_RELEASED, lib.US_CH_RAW
 
 SETUP_FLAGS = {
@@ -58,18 +52,18 @@ OPCODE_NAMES = (
     "RECV_ZC", "EPOLL_WAIT", "READV_FIXED", "WRITEV_FIXED", "PIPE",
 )
 PAGE = mmap.PAGESIZE
-_OUR_NAMES = {OP_SEND_ZC_FIXED: "SEND_ZC_FIXED", OP_DUP: "DUP"}
+_OUR_NAMES = {OP_SEND_ZC_FIXED: "SEND_ZC_FIXED", lib.US_OP_DUP: "DUP"}
 # Roles of the engine's ops in a trace (enum role in _core.c).
-ROLES = ("none", "install", "unslot", "poll", "header", "fill", "send", "cancel", "raw", "tee")
+ROLES = ("none", "install", "unslot", "poll", "header", "fill", "send", "cancel", "raw", "tee", "trailer")
 # The per-transfer fast path, called by Ring directly: us_start(core, mode, sock_fd, file_fd,
-# offset, count or -1, header, header length, notify) -> struct us_xfer * or NULL (see
-# Core.start_error); the result is owned through ffi.gc(x, xfer_put).
+# offset, count or -1, header + trailer bytes, header length, trailer length, notify) ->
+# struct us_xfer * or NULL (see Core.start_error); the result is owned through ffi.gc(x, xfer_put).
 xfer_start = lib.us_start
 NULL = ffi.NULL
 gc = ffi.gc
 xfer_put = lib.us_xfer_put
 START_FSTAT, START_DIR, START_NOT_REGULAR = lib.US_START_FSTAT, lib.US_START_DIR, lib.US_START_NOT_REGULAR
-START_OFFSET, START_NO_POOL = lib.US_START_OFFSET, lib.US_START_NO_POOL
+START_OFFSET = lib.US_START_OFFSET
 STATS = [name for name, _ in ffi.typeof("struct us_stats").fields]
 
 

@@ -20,6 +20,7 @@ import os
 
 from . import _lowlevel as ll
 from .ring import SETUP_ATTEMPTS, Ring
+from .transfer import Transfer
 
 _DEFER = ll.SETUP_FLAGS["DEFER_TASKRUN"]
 
@@ -36,7 +37,6 @@ class AsyncRing:
             raise ValueError("an AsyncRing cannot use IORING_SETUP_DEFER_TASKRUN: its non-waiting "
                              "reaps would leave deferred work unrun (see uringsend.aio)")
         self.ring = _ring(entries, setup_flags, options)
-        self.ring._on_change = self._changed
         self._active = {}       # Transfer -> AsyncTransfer, until the transfer settles
         self._reap_due = False
         self._closing = False
@@ -64,7 +64,8 @@ class AsyncRing:
     def closed(self):
         return self.ring.closed
 
-    def sendfile(self, sock, file, offset=0, count=None, *, mode="auto", header=b"", on_release=None):
+    def sendfile(self, sock, file, offset=0, count=None, *, mode="auto", headers=None, trailers=None,
+                 on_release=None, header=None):
         """Start a transfer (arguments as ``Ring.sendfile``); returns an ``AsyncTransfer`` at once.
 
         The transfer works on its own duplicates of the socket and file fds: the caller may close
@@ -77,12 +78,14 @@ class AsyncRing:
             raise ValueError("the ring is closed")
         if asyncio.get_running_loop() is not self._loop:
             raise RuntimeError("an AsyncRing is driven only by the event loop that created it")
-        transfer = self.ring.sendfile(sock, file, offset, count, mode=mode, header=header,
-                                      on_release=on_release)
+        transfer = self.ring.sendfile(sock, file, offset, count, mode=mode, headers=headers,
+                                      trailers=trailers, on_release=on_release, header=header)
         handle = AsyncTransfer(self, transfer)
-        if not transfer.settled:
+        if not transfer.settled():
             self._active[transfer] = handle
-            self.ring._watch(transfer)  # what happened before this is seen by the reap below
+            # called by the reaper's polls (or at once, for what already happened)
+            transfer.add_done_callback(self._done)
+            transfer.add_settled_callback(self._settled)
         self._schedule_reap()
         return handle
 
@@ -129,7 +132,7 @@ class AsyncRing:
         except BlockingIOError:
             pass
         # One poll reaps and advances everything; each transfer that ended or settled comes back
-        # through _changed.
+        # through its callbacks (_done, _settled).
         try:
             while ring.poll(0):
                 pass
@@ -138,26 +141,27 @@ class AsyncRing:
         if self._idle is not None and self._quiet() and not self._idle.done():
             self._idle.set_result(None)
 
-    def _changed(self, transfer):
+    def _done(self, transfer):
         handle = self._active.get(transfer)
-        if handle is None:
-            return
-        if transfer.done:
+        if handle is not None:
             handle._resolve(handle._done_waiters)
-        if transfer.settled:
-            del self._active[transfer]
+
+    def _settled(self, transfer):
+        handle = self._active.pop(transfer, None)
+        if handle is not None:
             handle._resolve(handle._settled_waiters)
 
     def _quiet(self):
-        return not self._active and self.ring._idle()
+        return not self._active and self.ring.driver.idle()
 
     def _teardown(self):
         self._loop.remove_reader(self._efd)
-        self.ring.close(timeout=0)
+        self.ring.close_timeout = 0  # aclose() waited already: what is left is kept alive
+        self.ring.close()
         os.close(self._efd)
         for transfer, handle in self._active.items():
-            for waiters, ready in ((handle._done_waiters, transfer.done),
-                                   (handle._settled_waiters, transfer.settled)):
+            for waiters, ready in ((handle._done_waiters, transfer.done()),
+                                   (handle._settled_waiters, transfer.settled())):
                 if ready:
                     handle._resolve(waiters)
                 else:
@@ -185,12 +189,14 @@ class AsyncTransfer:
         return f"<AsyncTransfer {self.transfer!r}>"
 
     def __await__(self):
-        return self._wait(self._done_waiters, lambda t: t.done).__await__()
+        return self._wait(self._done_waiters, Transfer.done, Transfer.result).__await__()
 
     async def released(self):
+        """Wait until the kernel released everything the transfer used; returns the file bytes
+        released (``Transfer.released``)."""
         if self.transfer.mode == "splice":
-            self.transfer.wait_released(0)  # raises ReleaseNotReported: splice never reports one
-        return await self._wait(self._settled_waiters, lambda t: t.settled)
+            self.transfer.released(0)  # raises ReleaseNotReported: splice never reports one
+        return await self._wait(self._settled_waiters, Transfer.settled, Transfer.released)
 
     def cancel(self):
         """Cancel the transfer (``Transfer.cancel``); awaiting it then raises TransferCancelled."""
@@ -198,7 +204,7 @@ class AsyncTransfer:
             self.transfer.cancel()
             self._aring._schedule_reap()
 
-    async def _wait(self, waiters, ready):
+    async def _wait(self, waiters, ready, outcome):
         transfer = self.transfer
         if self._aring.closed and not ready(transfer):
             raise _closed_error()
@@ -210,7 +216,7 @@ class AsyncTransfer:
             except asyncio.CancelledError:
                 self.cancel()
                 raise
-        return transfer.wait(0)
+        return outcome(transfer, 0)
 
     def _resolve(self, waiters):
         for waiter in waiters:
@@ -244,21 +250,20 @@ def _closed_error():
     return ValueError("the ring was closed before this transfer settled")
 
 
-async def sendfile(sock, file, offset=0, count=None, *, mode="auto", header=b"", on_release=None,
-                   ring=None):
+async def sendfile(sock, file, offset=0, count=None, *, mode="auto", headers=None, trailers=None,
+                   on_release=None, ring=None, header=None):
     """Send and wait until every buffer or page is released (splice: until sent); returns the
-    finished Transfer. ``ring``: an ``AsyncRing`` to use; without one, a ring is made for this
+    number of file bytes sent. ``ring``: an ``AsyncRing`` to use; without one, a ring is made for this
     call and closed after it (a cancelled call still waits, bounded, for the kernel's releases)."""
     own = ring is None
     if own:
         ring = AsyncRing(64)
     try:
-        handle = ring.sendfile(sock, file, offset, count, mode=mode, header=header, on_release=on_release)
-        if handle.mode == "splice":
-            await handle
-        else:
+        handle = ring.sendfile(sock, file, offset, count, mode=mode, headers=headers,
+                               trailers=trailers, on_release=on_release, header=header)
+        if handle.mode != "splice":
             await handle.released()
-        return handle.transfer
+        return await handle
     finally:
         if own:
             await ring.aclose()

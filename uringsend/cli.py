@@ -106,9 +106,9 @@ class Out:
 
 # ---- probe -------------------------------------------------------------------------------------
 def show_probe(info, out):
-    out.title(f"uringsend probe: kernel {info['kernel']}")
-    sysctl = info["io_uring_disabled_sysctl"]
-    if info["io_uring"]:
+    out.title(f"uringsend probe: kernel {info.kernel}")
+    sysctl = info.io_uring_disabled_sysctl
+    if info.io_uring:
         state = out.good("available", True)
         if sysctl is not None:
             state += f" (kernel.io_uring_disabled = {sysctl})"
@@ -116,17 +116,17 @@ def show_probe(info, out):
         err = getattr(errno, info.get("io_uring_error", ""), None)
         why = IoUringUnavailable(err).strerror if err else info.get("io_uring_error", "unknown")
         state = out.good(f"unavailable: {why}", False)
-    ops = info["opcodes"]
+    ops = info.opcodes
     missing = [o for o in USED_OPCODES if o not in ops]
     memlock = "soft {}, hard {}".format(*("unlimited" if v is None else human(v)
-                                          for v in (info["memlock_soft"], info["memlock_hard"])))
+                                          for v in (info.memlock_soft, info.memlock_hard)))
     rows = [("io_uring", state),
-            ("setup flags", " ".join(info["setup_flags"]) or "-"),
-            ("modes", " ".join(info["modes"]) or "-"),
+            ("setup flags", " ".join(info.setup_flags) or "-"),
+            ("modes", " ".join(info.modes) or "-"),
             ("opcodes used", "all supported" if not missing and ops else "missing: " + " ".join(missing)),
-            ("pipe-max-size", f"{human(info['pipe_max_size'])} ({info['pipe_max_size']} bytes)"),
+            ("pipe-max-size", f"{human(info.pipe_max_size)} ({info.pipe_max_size} bytes)"),
             ("RLIMIT_MEMLOCK", memlock + " (pages sent by SEND_ZC from a mapping count against it)"),
-            ("root", "yes" if info["root"] else "no")]
+            ("root", "yes" if info.root else "no")]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         out.line(f"  {k.ljust(width)}  {v}")
@@ -136,7 +136,7 @@ def show_probe(info, out):
     for i in range(0, len(ops), per_line):
         names = [out.paint(o.ljust(colw), "1" if o in USED_OPCODES else None) for o in ops[i:i + per_line]]
         out.line("    " + "  ".join(names).rstrip())
-    return 0 if info["io_uring"] else 1
+    return 0 if info.io_uring else 1
 
 
 # ---- demos -------------------------------------------------------------------------------------
@@ -198,8 +198,8 @@ def show_hazard(r, out):
                for x in r["rows"]],
               right={3}, codes=[{4: "33" if x["new_bytes"] else "32"} for x in r["rows"]])
     for x in r["rows"]:
-        if x["written"] == "after wait_released()":
-            line = (f"when wait_released() returned ({x['released_before_write']} bytes released), "
+        if x["written"] == "after released()":
+            line = (f"when released() returned ({x['released_before_write']} bytes released), "
                     f"the peer had read {x['peer_read_before_write']} of {x['bytes']} bytes")
             if x["peer_read_before_write"] < x["bytes"]:
                 line += ": a release says the kernel let go of the pages, not that the peer read them"
@@ -407,8 +407,8 @@ def main(argv=None):
         if args.command == "probe":
             info = probe()
             if args.json:
-                print(json.dumps(info, indent=1))
-                return 0 if info["io_uring"] else 1
+                print(json.dumps(info.asdict(), indent=1))
+                return 0 if info.io_uring else 1
             return show_probe(info, out)
         if args.command == "demo":
             return run_demo(args, out)

@@ -137,10 +137,10 @@ def _finish(result):
 
 def _settle(t, link, timeout):
     """End the stream and wait for every release the mode reports; returns the peer's bytes."""
-    t.wait(timeout)
+    t.result(timeout)
     link.client.shutdown(socket.SHUT_WR)
     if t.mode != "splice":
-        t.wait_released(timeout)
+        t.released(timeout)
     return link.reader.join(timeout)
 
 
@@ -213,8 +213,9 @@ def notify(mode="mmap", size=4 << 20, slow_reader=False, timeout=30.0, progress=
     pace = dict(rcvbuf=SLOW_RCVBUF, piece=SLOW_PIECE, pause=SLOW_PIECE / SLOW_RATE) if slow_reader else {}
     on_release = None
     if progress is not None:
-        def on_release(ev):
+        def report(ev):
             progress(f"notify: {t.released_bytes()} of {size} bytes released")
+        on_release = report
     with datafile(size) as (path, data), loopback(**pace) as link:
         # 256 KiB chunks: several releases even for a small file, so the timeline shows them
         with Ring(trace=True, chunk_size=NOTIFY_CHUNK, copy_chunk_size=NOTIFY_CHUNK) as ring:
@@ -260,7 +261,7 @@ def notify(mode="mmap", size=4 << 20, slow_reader=False, timeout=30.0, progress=
 
 # ---- hazard ------------------------------------------------------------------------------------
 HAZARD_CASES = (
-    # mode, wait for wait_released() before writing, expected to show the hazard
+    # mode, wait for released() before writing, expected to show the hazard
     ("splice", False, True),
     ("zerocopy", False, False),
     ("mmap", True, False),
@@ -295,12 +296,12 @@ def _hazard_case(mode, after_release, expect_hazard, size, timeout):
         try:
             with Ring() as ring:
                 t = ring.sendfile(link.client, fd, mode=mode)
-                sent = t.wait(timeout)  # every byte queued to the socket; the peer has read none
+                sent = t.result(timeout)  # every byte queued to the socket; the peer has read none
                 if after_release:
                     # On loopback the pages are released once the data has left the sender's queue,
                     # which needs the peer to read: let it, and write only after the release.
                     gate.set()
-                    t.wait_released(timeout)
+                    t.released(timeout)
                 released = None if mode == "splice" else t.released_bytes()
                 peer_had = len(link.reader.data)
                 os.pwrite(fd, new, 0)  # in place, same size: the same pages the send referenced
@@ -308,12 +309,12 @@ def _hazard_case(mode, after_release, expect_hazard, size, timeout):
                 gate.set()
                 got = link.reader.join(timeout)
                 if mode != "splice":
-                    t.wait_released(timeout)
+                    t.released(timeout)
                 stats = ring.statistics()
         finally:
             os.close(fd)
     changed, other = _count_changed(got, old, new)
-    when = "after wait_released()" if after_release else "after wait()"
+    when = "after released()" if after_release else "after result()"
     hazard = changed > 0
     if hazard:
         verdict = f"hazard: {changed} of {len(got)} bytes changed after the send returned"
@@ -326,7 +327,7 @@ def _hazard_case(mode, after_release, expect_hazard, size, timeout):
                      "" if hazard == expect_hazard else verdict)]
     return {"mode": mode, "written": when, "bytes": sent, "new_bytes": changed, "expected": expected,
             "released_before_write": released, "peer_read_before_write": peer_had,
-            "notifications": stats["notifs"], "copied_notifications": stats["copied"],
+            "notifications": stats.notifs, "copied_notifications": stats.copied,
             "verdict": verdict, "checks": checks}
 
 
@@ -351,12 +352,12 @@ def hazard(size=256 << 10, timeout=30.0, progress=None):
 
 # ---- header ------------------------------------------------------------------------------------
 def header(mode="mmap", size=1 << 20, timeout=30.0):
-    """An HTTP-style header and a file body sent as one stream with ``header=``."""
+    """An HTTP-style header and a file body sent as one stream with ``headers=``."""
     head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
             f"Content-Length: {size}\r\n\r\n").encode()
     with datafile(size) as (path, data), loopback() as link:
         with Ring(trace=True) as ring:
-            t = ring.sendfile(link.client, path, mode=mode, header=head)
+            t = ring.sendfile(link.client, path, mode=mode, headers=head)
             got = _settle(t, link, timeout)
             timeline = _timeline(ring, t)
     events = _event_rows(t)
@@ -382,7 +383,7 @@ def tee(sockets=3, size=1 << 20, timeout=30.0):
     with datafile(size) as (path, data), contextlib.ExitStack() as stack:
         links = [stack.enter_context(loopback()) for _ in range(sockets)]
         with Ring(trace=True) as ring:
-            transfers = ring.tee(path, [link.client for link in links])
+            transfers = ring.tee([link.client for link in links], path)
             ring.wait(transfers, timeout)
             for link in links:
                 link.client.shutdown(socket.SHUT_WR)

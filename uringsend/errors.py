@@ -1,4 +1,5 @@
 """uringsend's exceptions. Kernel errors stay plain OSError (Python picks the subclass)."""
+import concurrent.futures
 import errno
 import os
 import resource
@@ -21,8 +22,9 @@ class IoUringUnavailable(OSError):
         super().__init__(err, why)
 
 
-class TransferCancelled(OSError):
-    """The transfer was cancelled before it finished; ``Transfer.sent`` says how far it got."""
+class TransferCancelled(OSError, concurrent.futures.CancelledError):
+    """The transfer was cancelled before it finished; ``Transfer.sent`` says how far it got.
+    An OSError (ECANCELED) and a ``concurrent.futures.CancelledError``."""
 
     def __init__(self, what="transfer cancelled"):
         super().__init__(errno.ECANCELED, what)

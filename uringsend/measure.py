@@ -126,8 +126,8 @@ class ReadSend:
 
 
 class Uring:
-    """One Ring, one transfer per request: ``ring.sendfile`` then ``t.wait()`` (and, for stable
-    modes, ``t.wait_released()``: a server may reuse or change the data only after that).
+    """One Ring, one transfer per request: ``ring.sendfile`` then ``t.result()`` (and, for stable
+    modes, ``t.released()``: a server may reuse or change the data only after that).
     ``send`` returns the time from submission to the last ``released`` event in stable modes."""
 
     def __init__(self, mode, **ring_options):
@@ -138,16 +138,16 @@ class Uring:
 
     def send(self, sock, fd, size):
         t = self.ring.sendfile(sock, fd, 0, size, mode=self.mode)
-        t.wait(WAIT_LIMIT)
+        t.result(WAIT_LIMIT)
         if not self.stable:
             return None
-        t.wait_released(WAIT_LIMIT)
+        t.released(WAIT_LIMIT)
         return t.released_ns - t.started_ns
 
     def counters(self):
         """(chunks copied, chunks sent zero-copy) so far, from the SEND_ZC notifications."""
         stats = self.ring.statistics()
-        return stats["copied"], stats["zerocopy"]
+        return stats.copied, stats.zerocopy
 
     def close(self):
         self.ring.close()

@@ -10,8 +10,8 @@ class TraceEntry(NamedTuple):
     res: int
     flags: int
     op: str                 # opcode name ("SEND_ZC", "SPLICE", "FILES_UPDATE", ...)
-    role: str               # what the op did for its transfer: fill, send, header, poll, cancel,
-                            # install/unslot (registered file slots), raw (tee, tests)
+    role: str               # what the op did for its transfer: fill, send, header, trailer, poll,
+                            # cancel, install/unslot (registered file slots), raw (tests), tee
     len: int
     transfer: Optional[object]  # the Transfer, while its handle exists; None for raw ops
     offset: Optional[int] = None  # file offset of the op's chunk (fill, send, tee); None otherwise
@@ -25,8 +25,9 @@ class TraceEntry(NamedTuple):
         return bool(self.flags & ll.IORING_CQE_F_NOTIF)
 
 
-def entries(ring):
-    handles = ring._trace_handles if ring._trace_handles is not None else {}
+def entries(handles, raw):
+    """TraceEntry for each raw trace tuple of ``Core.trace()``; ``handles``: transfer id -> handle."""
+    handles = handles if handles is not None else {}
     return [TraceEntry(t_ns, ud, res, flags, ll.opcode_name(opcode), ll.ROLES[role], length,
                        handles.get(xid) if xid else None, None if offset < 0 else offset)
-            for t_ns, ud, xid, res, flags, length, opcode, role, offset in ring._core_trace()]
+            for t_ns, ud, xid, res, flags, length, opcode, role, offset in raw]

@@ -1,13 +1,20 @@
 """Transfer: the caller's handle on one file-to-socket send, and its timeline of events.
 
+A Transfer behaves as a ``concurrent.futures.Future`` whose result is the number of file bytes
+sent (``done()``, ``result()``, ``exception()``, ``cancel()``, ``add_done_callback()``), plus what
+only uringsend knows: when the kernel let go of the data (``released()``,
+``add_release_callback()``, ``events``).
+
 The transfer's state lives in the C engine (``struct us_xfer``); the handle reads it there and
-turns the timeline into ``Event`` tuples only when someone asks for them. The handle refers to its
-ring, never the other way round (the ring keeps only the handles that asked to be told about
-changes, until they settle), so dropping a handle frees it at once and the transfer still runs.
+turns the timeline into ``Event`` tuples only when someone asks for them. The handle refers to the
+ring's driver, never the other way round (the driver keeps a listener only for handles with
+callbacks, until they settle), so dropping a handle frees it at once and the transfer still runs.
+Waiting drives the ring: a transfer advances only while its ring is driven (a wait, a poll, the
+event loop).
 """
 import errno
+import logging
 import os
-import time
 from typing import NamedTuple, Optional
 
 from . import _lowlevel as ll
@@ -18,54 +25,46 @@ RELEASED = "released"  # the kernel no longer references the memory those bytes 
 QUEUED = "queued"      # handed to the socket by reference (splice); no release will follow
 _KINDS = {ll.SENT: SENT, ll.RELEASED: RELEASED, ll.QUEUED: QUEUED}
 _COPIED = {-1: None, 0: False, 1: True}
+_log = logging.getLogger("uringsend")
 
 
 class Event(NamedTuple):
     kind: str
-    offset: Optional[int]   # file offset of the chunk; None for the header
+    offset: Optional[int]   # file offset of the chunk; None for the header or trailer
     nbytes: int
     copied: Optional[bool]  # for RELEASED: the kernel copied the bytes (True) or sent the pages (False)
     t_ns: int               # time.perf_counter_ns() when the completion was handled
 
 
-class State:
-    """Transfer state kept in Python, for transfers the C engine does not run (tee, the
-    os.sendfile fallback): the same fields as ``struct us_xfer``."""
-
-    __slots__ = ("sent", "header_sent", "stranded", "done", "settled", "error", "nevents",
-                 "started_ns", "offset", "planned", "header_len")
-
-    def __init__(self, offset, planned, header_len):
-        self.offset = offset
-        self.planned = planned
-        self.header_len = header_len
-        self.sent = self.header_sent = self.stranded = self.nevents = self.error = 0
-        self.done = self.settled = False
-        self.started_ns = time.perf_counter_ns()
-
-
 class Transfer:
     """One file (range) sent to one socket. Returned at once by ``Ring.sendfile``.
 
-    ``sent`` counts file bytes the socket accepted, in order; ``header_sent`` the header's.
+    As a future: ``result()`` is the number of file bytes sent (headers and trailers not counted),
+    or raises the transfer's error. ``sent`` counts the file bytes the socket accepted so far, in
+    order; ``header_sent``/``trailer_sent`` those of the headers and trailers.
     """
 
-    __slots__ = ("ring", "mode", "sock_fd", "file_fd", "on_release", "_x", "_count", "_events",
-                 "_error", "_fired", "_callback_error", "_fallback", "__weakref__")
+    __slots__ = ("mode", "sock_fd", "file_fd", "_driver", "_x", "_count", "_events", "_error",
+                 "_release_callbacks", "_done_callbacks", "_settled_callbacks", "_callback_error",
+                 "_fallback", "_cancel_asked", "__weakref__")
 
-    def __init__(self, ring, x, mode, sock_fd, file_fd, count, on_release):
-        self.ring = ring
-        self._x = x                 # struct us_xfer (C engine) or State
+    def __init__(self, driver, x, mode, sock_fd, file_fd, count, on_release):
+        self._driver = driver       # drives the ring (None: the transfer ended when it started)
+        self._x = x                 # struct us_xfer: the engine's state of this transfer
         self.mode = mode
         self.sock_fd = sock_fd      # the caller's fds, for error texts and repr
         self.file_fd = file_fd      # None when the file was given by path
         self._count = count         # as asked; None: to the end of the file
-        self.on_release = on_release
         self._events = []
         self._error = None
-        self._fired = 0             # RELEASED events handed to on_release so far
+        self._release_callbacks = None  # [[fn, events handed to it so far], ...]
+        self._done_callbacks = None
+        self._settled_callbacks = None
         self._callback_error = None
-        self._fallback = None       # set for Python-run transfers
+        self._fallback = None
+        self._cancel_asked = False
+        if on_release is not None:
+            self._release_callbacks = [[on_release, 0]]
 
     @property
     def offset(self):
@@ -80,6 +79,10 @@ class Transfer:
     def header_len(self):
         return self._x.header_len
 
+    @property
+    def trailer_len(self):
+        return self._x.trailer_len
+
     # --- state ---------------------------------------------------------------------------------
     @property
     def sent(self):
@@ -90,19 +93,30 @@ class Transfer:
         return self._x.header_sent
 
     @property
+    def trailer_sent(self):
+        return self._x.trailer_sent
+
+    @property
     def stranded(self):
         """Bytes found left in a pipe after a broken chain (drained, and sent again from the file)."""
         return self._x.stranded
 
-    @property
     def done(self):
-        """No more bytes will be sent."""
+        """True once no more bytes will be sent (finished, failed or cancelled)."""
         return bool(self._x.done)
 
-    @property
+    def running(self):
+        return not self._x.done
+
     def settled(self):
-        """Done, and nothing the kernel held for this transfer is still outstanding."""
+        """True once done and nothing the kernel held for this transfer is outstanding: every
+        buffer, page and pipe it used is released (in mode 'splice' the kernel does not say when
+        the socket drops the pages it was handed; see ``released()``)."""
         return bool(self._x.settled)
+
+    def cancelled(self):
+        """True when the transfer ended because it was cancelled."""
+        return bool(self._x.done) and self._x.error != 0 and self._x.err_kind == ll.ERR_CANCELLED
 
     @property
     def started_ns(self):
@@ -112,21 +126,18 @@ class Transfer:
     def released_ns(self):
         """``time.perf_counter_ns()`` of the latest release so far (None before the first): for
         a settled transfer in a releasing mode, when the kernel let go of its last chunk."""
-        if isinstance(self._x, State):
-            times = [e.t_ns for e in self._events if e.kind == RELEASED]
-            return max(times) if times else None
         return self._x.released_ns or None
 
     @property
     def fallback(self):
         """Why the transfer sends differently from how its mode first chose, or None."""
-        if self._fallback is None and not isinstance(self._x, State) and self._x.fallback:
+        if self._fallback is None and self._x.fallback:
             self._fallback = "SEND_ZC is not supported on this socket (EOPNOTSUPP): copying sends"
         return self._fallback
 
     @property
     def error(self):
-        """The exception the transfer ended with, or None."""
+        """The exception the transfer ended with, or None (without waiting; see ``exception()``)."""
         if self._error is None and self._x.error:
             self._error = self._make_error()
         return self._error
@@ -165,78 +176,153 @@ class Transfer:
                                       _COPIED[e.copied], e.t_ns) for e in (src[i] for i in range(have, n)))
         return self._events
 
-    # --- driving -------------------------------------------------------------------------------
-    def wait(self, timeout=None):
-        """Block until the transfer ends; returns bytes of the file sent, or raises its error."""
+    # --- waiting (drives the ring) -------------------------------------------------------------
+    def _drive(self, until, timeout):
+        if not until():
+            self._driver.run_until(until, timeout)
+
+    def result(self, timeout=None):
+        """Wait until the transfer ends (at most ``timeout`` s, then TimeoutError; the transfer
+        goes on). Returns the number of file bytes sent, or raises the transfer's error
+        (``TransferCancelled`` if it was cancelled before its last byte) or what a release
+        callback raised."""
         x = self._x
-        if not x.done:
-            self.ring._drive(lambda: x.done, timeout)
-        if self.on_release is not None:
-            self._released()  # releases found while the ring ran for other transfers
+        self._drive(lambda: x.done, timeout)
+        self._fire_releases()  # releases found while the ring ran for other transfers
         if self._callback_error is not None:
             raise self._callback_error
         if x.error:
             raise self.error
         return x.sent
 
-    def wait_released(self, timeout=None):
-        """Block until every buffer or page this transfer used has been released by the kernel."""
+    def exception(self, timeout=None):
+        """Wait until the transfer ends; returns its error or None. Like a future's, it raises
+        ``TransferCancelled`` (a ``concurrent.futures.CancelledError``) if it was cancelled."""
+        x = self._x
+        self._drive(lambda: x.done, timeout)
+        if self.cancelled():
+            raise self.error
+        return self.error
+
+    def released(self, timeout=None):
+        """Wait until the kernel released everything this transfer used (``settled()``); returns
+        the number of file bytes released. Only then may the file's range be changed without the
+        peer seeing the change, or a buffer reused. The transfer's own error is ``result()``'s to
+        raise; this raises only what a release callback raised, TimeoutError, or
+        ``ReleaseNotReported`` in mode 'splice', where the kernel never says when the socket drops
+        the page-cache pages it was handed."""
         if self.mode == "splice":
             raise ReleaseNotReported(
                 "splice mode hands page-cache pages to the socket by reference and the kernel never "
                 "reports when it drops them; use mode='zerocopy', 'mmap' or 'copy' for release events")
         x = self._x
-        if not x.settled:
-            self.ring._drive(lambda: x.settled, timeout)
-        if self.on_release is not None:
-            self._released()
+        self._drive(lambda: x.settled, timeout)
+        self._fire_releases()
         if self._callback_error is not None:
             raise self._callback_error
-        if x.error:
-            raise self.error
-        return x.sent
+        return self.released_bytes()
 
     def cancel(self):
-        """Ask the kernel to stop this transfer. Buffers stay held until their release arrives."""
-        if not self._x.done:
-            self.ring._cancel(self)
+        """Ask the kernel to stop this transfer. Returns False if it was already done, else True
+        (a transfer whose last bytes were already on their way may still finish whole: see
+        ``cancelled()``). Buffers stay held until the kernel releases them."""
+        if self._x.done:
+            return False
+        if not self._cancel_asked:
+            self._cancel_asked = True
+            self._driver.cancel(self._x)
+        return True
+
+    # --- callbacks (run on the thread driving the ring, while it is driven) ---------------------
+    def add_done_callback(self, fn):
+        """Call ``fn(transfer)`` once the transfer is done (at once if it is). As with futures,
+        an exception raised by ``fn`` is logged and ignored."""
+        if self._x.done:
+            _call(fn, self)
+            return
+        if self._done_callbacks is None:
+            self._done_callbacks = []
+        self._done_callbacks.append(fn)
+        self._watch()
+
+    def add_settled_callback(self, fn):
+        """Call ``fn(transfer)`` once the transfer is settled (at once if it is): every release
+        it will ever report has been. Exceptions are logged and ignored."""
+        if self._x.settled:
+            _call(fn, self)
+            return
+        if self._settled_callbacks is None:
+            self._settled_callbacks = []
+        self._settled_callbacks.append(fn)
+        self._watch()
+
+    def add_release_callback(self, fn):
+        """Call ``fn(event)`` for each RELEASED event, those already recorded first. An
+        exception raised by ``fn`` stops its calls and is raised by ``result()``/``released()``."""
+        if not callable(fn):
+            raise TypeError("a release callback must be callable")
+        if self._release_callbacks is None:
+            self._release_callbacks = []
+        self._release_callbacks.append([fn, 0])
+        self._fire_releases()
+        if not self._x.settled:
+            self._watch()
+
+    def _watch(self):
+        if self._driver is not None:
+            self._driver.watch(self._x, self._changed)
+
+    def _changed(self, what):
+        """The driver's listener: fire what this change makes due."""
+        if what & ll.CH_RELEASED or what & ll.CH_SETTLED:
+            self._fire_releases()
+        if what & ll.CH_DONE and self._done_callbacks:
+            callbacks, self._done_callbacks = self._done_callbacks, None
+            for fn in callbacks:
+                _call(fn, self)
+        if what & ll.CH_SETTLED and self._settled_callbacks:
+            callbacks, self._settled_callbacks = self._settled_callbacks, None
+            for fn in callbacks:
+                _call(fn, self)
+
+    def _fire_releases(self):
+        """Hand the RELEASED events not yet seen to each release callback; a raising callback is
+        kept and raised from result()/released(), never into the reaper."""
+        callbacks = self._release_callbacks
+        if not callbacks:
+            return
+        events = self.events
+        for entry in callbacks:
+            fn, fired = entry
+            while fired < len(events) and self._callback_error is None:
+                ev = events[fired]
+                fired += 1
+                if ev.kind == RELEASED:
+                    try:
+                        fn(ev)
+                    except Exception as exc:  # noqa: BLE001 - raised from result()
+                        self._callback_error = exc
+            entry[1] = fired
 
     # --- views ---------------------------------------------------------------------------------
     @property
     def short(self):
         """True when the transfer ended without error before ``count`` bytes (the file shrank)."""
-        return self.done and self.error is None and self.sent < self.count
+        return self.done() and self.error is None and self.sent < self.count
 
     def released_bytes(self):
+        """File bytes released so far."""
         return sum(e.nbytes for e in self.events if e.kind == RELEASED and e.offset is not None)
 
     def __repr__(self):
-        state = "settled" if self.settled else "done" if self.done else "running"
+        state = "settled" if self.settled() else "done" if self.done() else "running"
         error = self.error
         return (f"<Transfer {self.mode} fd {self.file_fd}->{self.sock_fd} {self.sent}/{self.count} "
                 f"bytes {state}{' error=' + repr(error) if error else ''}>")
 
-    # --- ring side -----------------------------------------------------------------------------
-    def _released(self):
-        """Hand the RELEASED events not yet seen to ``on_release``; a raising callback is kept and
-        raised from wait(), never into the reaper."""
-        callback = self.on_release
-        if callback is None:
-            return
-        events = self.events
-        while self._fired < len(events):
-            ev = events[self._fired]
-            self._fired += 1
-            if ev.kind == RELEASED and self._callback_error is None:
-                try:
-                    callback(ev)
-                except Exception as exc:  # noqa: BLE001 - raised from wait()
-                    self._callback_error = exc
 
-    def _event(self, kind, offset, nbytes, copied, t_ns):
-        """Record an event of a Python-run transfer (``State``)."""
-        ev = Event(kind, offset, nbytes, copied, t_ns)
-        self._events.append(ev)
-        self._x.nevents += 1
-        if kind == RELEASED:
-            self._released()
+def _call(fn, transfer):
+    try:
+        fn(transfer)
+    except Exception:  # noqa: BLE001 - as concurrent.futures does
+        _log.exception("exception calling callback for %r", transfer)
