@@ -5,23 +5,18 @@
   death by signal as a return code.
 - ``block_io_uring``: a seccomp filter failing io_uring_setup with an errno, as container runtimes do.
 - ``drop_to_nobody``: become an unprivileged user (no CAP_IPC_LOCK, no CAP_SYS_RESOURCE).
-- ``Sink``: one thread reading many sockets to EOF.
-- ``peer_reset``: make a peer socket answer with RST (SO_LINGER {1, 0}, then close).
+- ``small_buffers``: a sender that stalls soon when its peer does not read.
 - ``small_ring`` and ``assert_clean``: a ring that stalls soon, and the check that it gave back
   every op, notification, buffer and pipe.
 """
 import ctypes
-import hashlib
 import json
 import os
 import platform
 import pwd
-import selectors
 import socket
-import struct
 import subprocess
 import sys
-import threading
 
 from uringsend import Ring
 
@@ -119,104 +114,11 @@ def private_file(size, directory="/dev/shm"):
     return f, data
 
 
-# ---- sockets ----------------------------------------------------------------------------------
-def peer_reset(sock):
-    """Close ``sock`` so that the other end gets an RST instead of a FIN."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
-
-
 def small_buffers(sender, size=4096):
     """Shrink a sender's SO_SNDBUF so that a peer that does not read stalls it quickly."""
     sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
 
-class Sink:
-    """One thread reading every socket in ``socks`` until EOF or an error.
-
-    ``join()`` returns, per socket, its bytes (``keep=True``) or ``(nbytes, sha256 hexdigest)``.
-    """
-
-    def __init__(self, socks, keep=True):
-        self.socks = list(socks)
-        self.keep = keep
-        self.data = [bytearray() for _ in self.socks] if keep else None
-        self.hashes = None if keep else [hashlib.sha256() for _ in self.socks]
-        self.counts = [0] * len(self.socks)
-        self.errors = {}
-        self._wake_r, self._wake_w = socket.socketpair()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        sel = selectors.DefaultSelector()
-        # one reused buffer: a fresh 1 MiB bytes per recv() fragments this thread's malloc arena,
-        # and its RSS would pass for the library's in a soak
-        buf = bytearray(1 << 20)
-        view = memoryview(buf)
-        try:
-            for i, s in enumerate(self.socks):
-                s.setblocking(False)
-                sel.register(s, selectors.EVENT_READ, i)
-            sel.register(self._wake_r, selectors.EVENT_READ, None)
-            open_ = len(self.socks)
-            while open_:
-                for key, _ in sel.select():
-                    i = key.data
-                    if i is None:
-                        return  # stop() was called
-                    try:
-                        n = self.socks[i].recv_into(buf)
-                    except BlockingIOError:
-                        continue
-                    except OSError as exc:
-                        self.errors[i] = exc
-                        n = 0
-                    if not n:
-                        sel.unregister(self.socks[i])
-                        open_ -= 1
-                        continue
-                    self.counts[i] += n
-                    if self.keep:
-                        self.data[i] += view[:n]
-                    else:
-                        self.hashes[i].update(view[:n])
-        finally:
-            view.release()
-            sel.close()
-
-    def stop(self):
-        self._wake_w.send(b"x")
-
-    def join(self, timeout=60):
-        self.thread.join(timeout)
-        alive = self.thread.is_alive()
-        if alive:
-            self.stop()
-            self.thread.join(timeout)
-        self._wake_r.close()
-        self._wake_w.close()
-        assert not alive, f"sink did not see EOF on every socket: {self.counts}"
-        if self.keep:
-            return [bytes(d) for d in self.data]
-        return [(n, h.hexdigest()) for n, h in zip(self.counts, self.hashes)]
-
-
-def io_wq_threads():
-    """Threads of this process that are io_uring workers (iou-wrk-*, iou-sqp-*)."""
-    n = 0
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                if f.read().startswith("iou-"):
-                    n += 1
-        except FileNotFoundError:
-            pass  # the thread exited while we looked
-    return n
-
-
-MODES = ("splice", "zerocopy", "mmap", "copy")
-RELEASING = ("zerocopy", "mmap", "copy")
 CHUNK = 64 << 10
 
 

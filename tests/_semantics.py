@@ -10,15 +10,13 @@ import fcntl
 import mmap
 import os
 import select
-import socket
 import struct
 import termios
 import threading
-import time
 
 import pytest
 
-from conftest import tcp_pair
+from helpers import tcp_pair
 from uringsend import _lowlevel as ll
 from uringsend.ledger import Op
 
@@ -27,7 +25,6 @@ F_MORE = ll.IORING_CQE_F_MORE
 F_NOTIF = ll.IORING_CQE_F_NOTIF
 ERESTARTSYS = 512  # kernel-internal errno that a cancelled splice leaks into its CQE
 SPLICE_F_NONBLOCK = 2
-LINGER_RST = struct.pack("ii", 1, 0)
 
 
 class Recorder:
@@ -176,10 +173,7 @@ def stalled_pair(sndbuf=None):
     reads. ``sndbuf`` fixes the sender's buffer (no autotuning), so that once full it stays full;
     left to autotune, it grows past what the peer holds, so a SEND_ZC of BACKLOG bytes completes
     with most of its pages still queued at the sender."""
-    client, peer = tcp_pair(rcvbuf=256 << 10)
-    if sndbuf:
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
-    return client, peer
+    return tcp_pair(rcvbuf=256 << 10, sndbuf=sndbuf)
 
 
 BACKLOG = 2 << 20
@@ -211,44 +205,6 @@ def fill(sock):
                     return n
     finally:
         sock.setblocking(True)
-
-
-def read_exactly(sock, n, timeout=10):
-    sock.settimeout(timeout)
-    out = bytearray()
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        assert chunk, f"EOF after {len(out)} of {n} bytes"
-        out += chunk
-    sock.settimeout(None)
-    return bytes(out)
-
-
-def reset(sock):
-    """Close so that the other end gets an RST."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
-    sock.close()
-
-
-def workers(tid):
-    """io-wq worker threads of one task: named iou-wrk-<tid>."""
-    name = f"iou-wrk-{tid}"
-    n = 0
-    for task in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{task}/comm") as f:
-                n += f.read().strip() == name
-        except FileNotFoundError:
-            pass  # exited while we looked
-    return n
-
-
-def wait_for(predicate, timeout=5.0, what="condition"):
-    """Poll a condition the kernel changes without telling us (thread lists)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
 
 
 def in_thread(func, *args):

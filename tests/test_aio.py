@@ -2,12 +2,9 @@
 raw non-blocking sockets; cancellation never lets a buffer go before the kernel released it."""
 import asyncio
 import errno
-import hashlib
 import os
 import resource
-import select
 import socket
-import threading
 
 import pytest
 
@@ -16,10 +13,9 @@ import uringsend.aio
 from uringsend import _lowlevel as ll
 from uringsend.aio import AsyncRing
 from uringsend.ring import SETUP_ATTEMPTS
-from conftest import sha, tcp_pair
+from helpers import MODES, Sink, reset, sha, tcp_pair
 
-MODES = ["splice", "zerocopy", "mmap", "copy", "auto"]
-RELEASING = ["zerocopy", "mmap"]  # modes whose buffers wait for SEND_ZC notifications
+ZC_MODES = ("zerocopy", "mmap")  # modes whose buffers wait for SEND_ZC notifications
 
 
 def run(coro):
@@ -31,13 +27,6 @@ def accepted_flags():
     if not flags:
         pytest.skip("io_uring_setup accepts none of the ring's setup flag sets")
     return flags
-
-
-def nonblocking_pair(rcvbuf=None):
-    client, peer = tcp_pair(rcvbuf)
-    client.setblocking(False)
-    peer.setblocking(False)
-    return client, peer
 
 
 async def read_all(peer, n):
@@ -77,7 +66,7 @@ def test_eventfd_wakes_the_loop(flags, make_file):
     path, data = make_file((8 << 20) + 11)
 
     async def main():
-        client, peer = nonblocking_pair(rcvbuf=16384)
+        client, peer = tcp_pair(rcvbuf=16384, blocking=False)
         with client, peer:
             async with CountingRing(setup_flags=SETUP_ATTEMPTS[flags]) as aring:
                 handle = aring.sendfile(client, path, mode="copy")
@@ -116,60 +105,24 @@ def test_hundreds_of_concurrent_transfers_all_finish(make_file):
         for client, peer in pairs:
             client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
             client.setblocking(False)
-        reader = EpollReader([peer for _, peer in pairs], size)
+        sinks = []
 
         async def main():
             with open(path, "rb") as f:
                 async with AsyncRing(1024) as aring:
                     handles = [aring.sendfile(client, f, mode="copy") for client, _ in pairs]
-                    reader.start()
+                    sinks.append(Sink([peer for _, peer in pairs], keep=False))  # read from now on
                     return await asyncio.gather(*(_await(h) for h in handles))
 
         assert run(main()) == [size] * count
-        assert reader.join() == [sha(data)] * count
+        for client, _ in pairs:
+            client.shutdown(socket.SHUT_WR)
+        assert sinks[0].join() == [(size, sha(data))] * count
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         for client, peer in pairs:
             client.close()
             peer.close()
-
-
-class EpollReader:
-    """One thread reading ``size`` bytes from each of many sockets; ``join()`` -> their sha256."""
-
-    def __init__(self, socks, size):
-        self.socks = {s.fileno(): s for s in socks}
-        self.order = [s.fileno() for s in socks]
-        self.size = size
-        self.hashes = {fd: hashlib.sha256() for fd in self.socks}
-        self.got = dict.fromkeys(self.socks, 0)
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self):
-        self.thread.start()
-
-    def _run(self):
-        with select.epoll() as ep:
-            for fd, s in self.socks.items():
-                s.setblocking(False)
-                ep.register(fd, select.EPOLLIN)
-            left = len(self.socks)
-            while left:
-                for fd, _ in ep.poll(30):
-                    try:
-                        chunk = self.socks[fd].recv(1 << 16)
-                    except BlockingIOError:
-                        continue
-                    self.hashes[fd].update(chunk)
-                    self.got[fd] += len(chunk)
-                    if self.got[fd] >= self.size or not chunk:
-                        ep.unregister(fd)
-                        left -= 1
-
-    def join(self):
-        self.thread.join(60)
-        assert not self.thread.is_alive(), "reader did not get every byte"
-        return [self.hashes[fd].hexdigest() for fd in self.order]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -244,7 +197,7 @@ def test_raw_nonblocking_socket(mode, make_file):
     path, data = make_file((3 << 20) + 5)
 
     async def main():
-        client, peer = nonblocking_pair(rcvbuf=65536)
+        client, peer = tcp_pair(rcvbuf=65536, blocking=False)
         with client, peer:
             async with AsyncRing() as aring:
                 handle = aring.sendfile(client, path, mode=mode, header=b"head")
@@ -276,7 +229,7 @@ def test_cancelling_the_awaiting_task_cancels_the_transfer(mode, make_file):
     path, data = make_file(32 << 20)
 
     async def main():
-        client, peer = nonblocking_pair(rcvbuf=16384)
+        client, peer = tcp_pair(rcvbuf=16384, blocking=False)
         with client, peer:
             async with AsyncRing(trace=True) as aring:
                 handle = aring.sendfile(client, path, mode=mode)
@@ -297,7 +250,7 @@ def test_cancelling_the_awaiting_task_cancels_the_transfer(mode, make_file):
     t, held, stats, got, trace = run(main())
     assert t.done() and t.settled() and t.sent < len(data)
     assert got == data[:t.sent]
-    if t.mode in RELEASING:
+    if t.mode in ZC_MODES:
         assert held.pending_notifs > 0
         if t.mode == "zerocopy":
             assert held.buffers_free < held.buffers_total
@@ -334,8 +287,7 @@ def test_streams_peer_reset_mid_send(make_file):
                 loop = asyncio.get_running_loop()
                 await loop.sock_sendall(client, b"GET\n")
                 await loop.sock_recv(client, 65536)  # the body is flowing
-                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                client.close()
+                reset(client)
                 # fd numbers freed by the transport are taken again at once
                 reused = [socket.socketpair() for _ in range(4)]
                 error = await outcome
@@ -362,7 +314,7 @@ def test_closing_the_callers_socket_does_not_redirect_the_transfer(make_file):
     path, data = make_file(8 << 20)
 
     async def main():
-        client, peer = nonblocking_pair(rcvbuf=16384)
+        client, peer = tcp_pair(rcvbuf=16384, blocking=False)
         with peer:
             async with AsyncRing() as aring:
                 handle = aring.sendfile(client, path, mode="copy")
@@ -388,7 +340,7 @@ def test_caller_may_close_its_fds_at_once(make_file):
     path, data = make_file(3 << 20)
 
     async def main():
-        client, peer = nonblocking_pair(rcvbuf=16384)
+        client, peer = tcp_pair(rcvbuf=16384, blocking=False)
         with peer:
             async with AsyncRing() as aring:
                 fd = os.open(path, os.O_RDONLY)
@@ -407,7 +359,7 @@ def test_sendfile_convenience(mode, make_file):
     path, data = make_file((2 << 20) + 1)
 
     async def main():
-        client, peer = nonblocking_pair()
+        client, peer = tcp_pair(blocking=False)
         with client, peer:
             reader = asyncio.create_task(read_all(peer, len(data) + 2))
             sent = await uringsend.aio.sendfile(client, path, mode=mode, headers=b"h\n")
@@ -423,7 +375,7 @@ def test_cancelled_convenience_call_closes_its_ring(make_file):
     path, data = make_file(32 << 20)
 
     async def main():
-        client, peer = nonblocking_pair(rcvbuf=16384)
+        client, peer = tcp_pair(rcvbuf=16384, blocking=False)
         with client, peer:
             got = bytearray()
 
@@ -454,7 +406,7 @@ def test_aclose_cancels_running_transfers(make_file):
     path, data = make_file(32 << 20)
 
     async def main():
-        client, peer = nonblocking_pair(rcvbuf=16384)
+        client, peer = tcp_pair(rcvbuf=16384, blocking=False)
         with client, peer:
             aring = AsyncRing()
             handle = aring.sendfile(client, path, mode="zerocopy")
@@ -478,7 +430,7 @@ def test_aclose_keeps_unreleased_memory_alive(make_file):
     path, data = make_file(32 << 20)
 
     async def main():
-        client, peer = nonblocking_pair(rcvbuf=16384)
+        client, peer = tcp_pair(rcvbuf=16384, blocking=False)
         with client, peer:
             aring = AsyncRing()
             handle = aring.sendfile(client, path, mode="zerocopy")

@@ -11,7 +11,7 @@ import pytest
 
 import uringsend
 from uringsend import MODES, RELEASED, ReleaseNotReported, Ring, TransferCancelled
-from conftest import Receiver, tcp_pair
+from helpers import Receiver, tcp_pair
 
 RELEASING = [m for m in MODES if m != "splice"]
 

@@ -9,9 +9,10 @@ import sys
 
 import pytest
 
+from uringsend.measure import STABLE_MODES, URING_MODES
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-URING_MODES = ["splice", "zerocopy", "mmap", "copy", "auto"]
-STABLE = ["uringsend-zerocopy", "uringsend-mmap", "uringsend-copy", "uringsend-auto"]
+STABLE = [f"uringsend-{m}" for m in STABLE_MODES]
 CONTENDERS = ["splice", "sendfile", "read-send"] + [f"uringsend-{m}" for m in URING_MODES]
 ONESHOT = "uringsend.sendfile"
 PNG = b"\x89PNG\r\n\x1a\n"

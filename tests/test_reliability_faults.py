@@ -22,9 +22,8 @@ from uringsend.ring import RingStatistics
 from uringsend import _lowlevel as ll
 from uringsend import TransferCancelled
 
-from conftest import Receiver, sha, tcp_pair
-from _faults import (CHUNK, MODES, RELEASING, assert_clean, peer_reset, private_file, run_child,
-                     small_buffers, small_ring)
+from helpers import ENGINE_MODES, RELEASING, Receiver, reset, sha, tcp_pair
+from _faults import CHUNK, assert_clean, private_file, run_child, small_buffers, small_ring
 
 F_MORE = ll.IORING_CQE_F_MORE
 F_NOTIF = ll.IORING_CQE_F_NOTIF
@@ -47,7 +46,7 @@ def notifs_per_op(trace):
 
 
 # ---- 1. a short splice at the end of the file breaks the chain (kernel fact 1) ------------
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ENGINE_MODES)
 @pytest.mark.parametrize("cut", [2 * CHUNK, CHUNK + 100_000], ids=["at-chunk", "mid-chunk"])
 def test_file_truncated_under_a_chain_ends_short_with_exact_bytes(mode, cut, make_file):
     """The file shrinks while the first send of a chain is blocked (the peer does not read yet),
@@ -102,7 +101,7 @@ def test_file_truncated_under_a_chain_ends_short_with_exact_bytes(mode, cut, mak
     assert sha(got) == sha(data[:cut] + bytes(zeros))
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ENGINE_MODES)
 def test_count_past_eof_sends_the_file_and_reports_short(mode, make_file, tcp):
     path, data = make_file(3 * CHUNK + 123)
     client, peer = tcp
@@ -130,7 +129,7 @@ def child_peer_reset(mode):
     def read_then_reset():
         while len(got) < 300_000:
             got.extend(peer.recv(1 << 16))
-        peer_reset(peer)
+        reset(peer)
 
     reader = threading.Thread(target=read_then_reset)
     out = {}
@@ -160,7 +159,7 @@ def child_peer_reset(mode):
     return out
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ENGINE_MODES)
 def test_peer_reset_mid_transfer_fails_cleanly_without_sigpipe(mode):
     code, out, err = run_child(child_peer_reset, mode)
     assert code == 0, f"child died ({code}; -{signal.SIGPIPE} is SIGPIPE): {err[-2000:]}"
@@ -185,7 +184,7 @@ def child_write_after_reset():
     """The control: a plain write() to a reset socket, SIGPIPE at its default, kills the child."""
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     client, peer = tcp_pair()
-    peer_reset(peer)
+    reset(peer)
     for _ in range(3):  # the first write reports ECONNRESET; a later one raises SIGPIPE
         try:
             os.write(client.fileno(), b"x" * 1000)
@@ -205,7 +204,7 @@ def child_transfer_after_reset_was_reported(mode):
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     f, data = private_file(1 << 20)
     client, peer = tcp_pair()
-    peer_reset(peer)
+    reset(peer)
     out = []
     with small_ring() as ring:
         for _ in range(2):
@@ -222,7 +221,7 @@ def child_transfer_after_reset_was_reported(mode):
     return out
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ENGINE_MODES)
 def test_transfer_after_a_reported_reset_fails_with_epipe_without_sigpipe(mode):
     code, out, err = run_child(child_transfer_after_reset_was_reported, mode)
     assert code == 0, f"child died ({code}; -{signal.SIGPIPE} is SIGPIPE): {err[-2000:]}"
@@ -230,7 +229,7 @@ def test_transfer_after_a_reported_reset_fails_with_epipe_without_sigpipe(mode):
 
 
 # ---- 3. the peer stops reading ----------------------------------------------------------------
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ENGINE_MODES)
 def test_stalled_peer_costs_no_cpu_and_cancel_ends_it(mode, make_file):
     path, data = make_file(16 << 20)
     client, peer = tcp_pair(rcvbuf=4096)
@@ -289,7 +288,7 @@ def test_buffers_held_by_a_stalled_socket_return_on_peer_reset(mode, make_file):
             with pytest.raises(TransferCancelled):
                 t.result(timeout=10)
             assert ring.statistics().pending_notifs > 0
-            peer_reset(peer)  # an RST frees the socket's queue, and with it the pages
+            reset(peer)  # an RST frees the socket's queue, and with it the pages
             ring.run_until_complete(timeout=10)
             assert t.settled()
             assert t.released_bytes() == t.sent
@@ -309,7 +308,7 @@ def _cancel_race(iterations, make_file):
     outcomes = collections.Counter()
     with open(path, "rb") as f, small_ring() as ring:
         for i in range(iterations):
-            mode = MODES[i % len(MODES)]
+            mode = ENGINE_MODES[i % len(ENGINE_MODES)]
             offset = rng.randrange(len(data))
             count = rng.randrange(1, 4 * CHUNK)
             t = ring.sendfile(client, f, offset, count, mode=mode)

@@ -12,14 +12,14 @@ import pytest
 import uringsend
 from uringsend import Ring, RingOwnerError, TransferCancelled
 
-from conftest import Receiver, sha, tcp_pair
-from _faults import MODES, assert_clean, small_buffers, small_ring
+from helpers import ENGINE_MODES, Receiver, sha, tcp_pair
+from _faults import assert_clean, small_buffers, small_ring
 
 LIBRARY = os.path.dirname(uringsend.__file__)
 
 
 # ---- 11. the caller drops its Transfer mid-flight ---------------------------------------------
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ENGINE_MODES)
 def test_dropped_transfer_keeps_its_buffers_and_completes(mode, make_file):
     path, data = make_file(2 << 20)
     client, peer = tcp_pair(rcvbuf=4096)
@@ -54,14 +54,14 @@ def test_dropped_transfer_keeps_its_buffers_and_completes(mode, make_file):
 # ---- 12. fork() with transfers in flight -------------------------------------------------------
 def test_fork_child_cannot_touch_the_ring_and_parent_completes(make_file):
     path, data = make_file(2 << 20)
-    pairs = [tcp_pair(rcvbuf=4096) for _ in MODES]
+    pairs = [tcp_pair(rcvbuf=4096) for _ in ENGINE_MODES]
     for client, _ in pairs:
         small_buffers(client)  # an autotuned send buffer would take the whole file at once
     gate = threading.Event()
     receivers = [Receiver(peer, gate) for _, peer in pairs]
     try:
         with small_ring() as ring:
-            transfers = [ring.sendfile(client, path, mode=mode) for (client, _), mode in zip(pairs, MODES)]
+            transfers = [ring.sendfile(client, path, mode=mode) for (client, _), mode in zip(pairs, ENGINE_MODES)]
             ring.poll(0)
             assert not any(t.done() for t in transfers)
             pid = os.fork()
@@ -83,7 +83,7 @@ def test_fork_child_cannot_touch_the_ring_and_parent_completes(make_file):
                 os._exit(failures)
             gate.set()
             ring.wait(transfers, timeout=30, released=False)
-            assert [t.result(0) for t in transfers] == [len(data)] * len(MODES)
+            assert [t.result(0) for t in transfers] == [len(data)] * len(ENGINE_MODES)
             ring.run_until_complete(timeout=30)
             assert_clean(ring)
         _, status = os.waitpid(pid, 0)
@@ -377,7 +377,7 @@ def test_handler_raising_anywhere_in_wait_never_wedges_the_ring(make_file):
         with open(path, "rb") as f, Ring(buffers=8, buffer_size=4096, chunk_size=4096,
                                          copy_chunk_size=4096, pipe_size=4096, close_timeout=1) as ring:
             for i in range(100):
-                t = ring.sendfile(client, f, mode=MODES[i % len(MODES)])
+                t = ring.sendfile(client, f, mode=ENGINE_MODES[i % len(ENGINE_MODES)])
                 assert waiting(lambda: t.result(timeout=5)) == len(data)
             waiting(lambda: ring.run_until_complete(timeout=10))
             signal.setitimer(signal.ITIMER_REAL, 0)

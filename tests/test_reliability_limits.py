@@ -14,20 +14,9 @@ from uringsend.ring import RingStatistics
 from uringsend import IoUringUnavailable, Ring
 
 from uringsend import _lowlevel as ll
-from conftest import Receiver, sha, tcp_pair
-from _faults import (MODES, Sink, assert_clean, block_io_uring, drop_to_nobody, private_file, run_child,
-                     small_buffers)
+from helpers import ENGINE_MODES, Receiver, Sink, sha, tcp_pair
+from _faults import assert_clean, block_io_uring, drop_to_nobody, private_file, run_child, small_buffers
 from _semantics import Recorder, RingView
-
-
-def read_exactly(sock, n):
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            break
-        buf += chunk
-    return bytes(buf)
 
 
 # ---- 6. CQ overflow (kernel fact 20) -------------------------------------------------------
@@ -64,7 +53,7 @@ def test_cq_overflow_delivers_every_completion(make_file):
             for client, _ in pairs:
                 small_buffers(client)
                 stuffed.append(_stuff(client))
-            transfers = [ring.sendfile(client, f, mode=MODES[i % len(MODES)])
+            transfers = [ring.sendfile(client, f, mode=ENGINE_MODES[i % len(ENGINE_MODES)])
                          for i, (client, _) in enumerate(pairs)]
             sink = Sink([peer for _, peer in pairs])
             deadline = time.monotonic() + 30
@@ -112,7 +101,7 @@ def test_small_sq_queues_whole_chains_and_drains(entries, make_file):
                                          chunk_size=65536, copy_chunk_size=65536,
                                          pipe_size=65536) as ring:
             assert ring.sq_entries == entries
-            transfers = [ring.sendfile(client, f, mode=MODES[i % len(MODES)], header=headers[i])
+            transfers = [ring.sendfile(client, f, mode=ENGINE_MODES[i % len(ENGINE_MODES)], header=headers[i])
                          for i, (client, _) in enumerate(pairs)]
             while not all(t.done() for t in transfers):
                 ring.poll(timeout=5)
@@ -130,7 +119,7 @@ def test_small_sq_queues_whole_chains_and_drains(entries, make_file):
             peer.close()
     assert max_queued > 0, "the SQ never filled: the test did not test anything"
     for i, received in enumerate(got):
-        assert received == headers[i] + data, f"transfer {i} ({MODES[i % len(MODES)]})"
+        assert received == headers[i] + data, f"transfer {i} ({ENGINE_MODES[i % len(ENGINE_MODES)]})"
 
 
 def test_eventfd_announces_every_completion_to_a_one_poll_per_wake_loop(make_file, tcp):
@@ -314,7 +303,7 @@ def child_seccomp(err_name):
         out["ring"] = None
     except IoUringUnavailable as exc:
         out["ring"] = [exc.errno, str(exc)]
-    for mode in MODES:
+    for mode in ENGINE_MODES:
         client, peer = tcp_pair()
         try:
             uringsend.sendfile(client, f, mode=mode)
@@ -346,7 +335,7 @@ def test_io_uring_blocked_by_seccomp(err_name):
     err_no = getattr(errno, err_name)
     assert out["ring"] is not None and out["ring"][0] == err_no, out
     assert err_name in out["ring"][1] and "seccomp" in out["ring"][1]
-    for mode in MODES:
+    for mode in ENGINE_MODES:
         assert out["explicit"][mode] is not None and out["explicit"][mode][0] == err_no, (mode, out)
     auto = out["auto"]
     assert auto["ok"] and auto["sent"] == auto["expected"] and auto["position"] == 7 + auto["sent"], auto

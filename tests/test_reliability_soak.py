@@ -13,8 +13,8 @@ import pytest
 
 from uringsend import Ring
 
-from conftest import tcp_pair
-from _faults import MODES, Sink, assert_clean, io_wq_threads, peer_reset, small_buffers
+from helpers import ENGINE_MODES, Sink, io_wq_workers, reset, tcp_pair
+from _faults import assert_clean, small_buffers
 
 CONNECTIONS = 32
 MAX_WORKERS = 8
@@ -28,7 +28,7 @@ def _usage(proc, ring):
         # idle pooled pipes come and go (2 fds each); everything else must stay put
         "fds": proc.num_fds() - 2 * st.pipes_idle,
         "threads": threading.active_count(),
-        "os_threads": proc.num_threads() - io_wq_threads(),
+        "os_threads": proc.num_threads() - io_wq_workers(),
         "pipes_created": st.pipes_created,
     }
 
@@ -54,19 +54,19 @@ def _soak(total, make_file):
             for i, (client, _) in enumerate(pairs):
                 if i in active or started >= stop:
                     continue
-                mode = MODES[started % len(MODES)]
+                mode = ENGINE_MODES[started % len(ENGINE_MODES)]
                 started += 1
                 if rng.random() < RESET_RATE:
                     # a fresh connection whose peer resets before or during the transfer
                     c, p = tcp_pair(rcvbuf=4096)
                     small_buffers(c)
                     if started % 2:
-                        peer_reset(p)
+                        reset(p)
                         t = ring.sendfile(c, f, mode=mode)
                     else:
                         t = ring.sendfile(c, f, mode=mode)
                         ring.poll(0)
-                        peer_reset(p)
+                        reset(p)
                     resetting.append((t, c))
                     continue
                 offset = rng.randrange(len(data))
@@ -127,7 +127,7 @@ def _soak(total, make_file):
     assert end["rss"] - baseline["rss"] <= 8 << 20, (baseline, end)
     assert end["fds"] == baseline["fds"], (baseline, end)
     assert end["threads"] == baseline["threads"] and end["os_threads"] == baseline["os_threads"], (baseline, end)
-    assert io_wq_threads() <= 2 * MAX_WORKERS  # bounded and unbound io-wq pools
+    assert io_wq_workers() <= 2 * MAX_WORKERS  # bounded and unbound io-wq pools
     # Pipes are pooled: a new one only when more splice transfers run at once than the pool keeps.
     assert end["pipes_created"] - baseline["pipes_created"] < measured // 50, (baseline, end)
 

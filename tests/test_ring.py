@@ -13,7 +13,7 @@ import uringsend
 from uringsend import _lowlevel as ll
 from uringsend.ledger import Op
 from uringsend._uring import ffi
-from conftest import Receiver, tcp_pair
+from helpers import Receiver, reset, tcp_pair
 
 
 class Recorder:
@@ -150,8 +150,7 @@ def test_close_with_notification_pending_keeps_memory_alive(make_file):
     assert core.kept and core.ptr != ffi.NULL  # the engine's memory is never freed
     assert core.mappings_busy() == 1  # still mapped: the kernel may read it
     # Close the peer with RST so the kernel drops its references, then our sockets.
-    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    peer.close()
+    reset(peer)
     client.close()
 
 

@@ -18,9 +18,9 @@ import time
 
 import uringsend
 from uringsend import _lowlevel as ll
-from conftest import Receiver, tcp_pair, unix_pair
+from helpers import Receiver, io_wq_workers, read_exactly, tcp_pair, unix_pair, wait_for
 from _semantics import (BACKLOG, ERESTARTSYS, F_MORE, Recorder, RingView, SyscallRing, cancel, in_thread,
-                        nothing_happens_for, read_exactly, stalled_pair, submit, wait_for, wait_res, workers)
+                        nothing_happens_for, stalled_pair, submit, wait_res)
 
 LINK = ll.IOSQE_IO_LINK
 GETEVENTS = SyscallRing.ENTER_GETEVENTS
@@ -81,7 +81,7 @@ def test_thread_exit_cancels_its_io_wq_splices():
         rec = Recorder()
         ops = [rec.op(ll.OP_SPLICE, a.fileno(), fd_in=r, off_in=-1, off=-1, len=100) for _ in range(2)]
         box["user_data"] = core.raw_submit([op.fields(0) for op in ops])
-        wait_for(lambda: workers(tid) == 1, what="an io-wq worker")
+        wait_for(lambda: io_wq_workers(tid) == 1, what="an io-wq worker")
         box["early"] = _raw_changes(core, 1, 300_000_000)
 
     try:

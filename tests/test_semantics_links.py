@@ -23,9 +23,9 @@ import pytest
 import uringsend
 from uringsend import _lowlevel as ll
 from uringsend._uring import lib
-from conftest import Receiver, tcp_pair, unix_pair
-from _semantics import (ERESTARTSYS, IOSQE_FIXED_FILE, Recorder, cancel, cqes, pipe_pending,
-                        prepared_sqes, nothing_happens_for, submit, stalled_pair, submit_flagged, wait_res)
+from helpers import Receiver, tcp_pair, unix_pair
+from _semantics import (ERESTARTSYS, IOSQE_FIXED_FILE, Recorder, cancel, cqes, pipe_pending, prepared_sqes,
+                        nothing_happens_for, submit, stalled_pair, submit_flagged, wait_res)
 
 LINK = ll.IOSQE_IO_LINK
 HARDLINK = lib.IOSQE_IO_HARDLINK

@@ -21,9 +21,9 @@ import pytest
 
 import uringsend
 from uringsend import _lowlevel as ll
-from conftest import Receiver, tcp_pair, unix_pair
-from _semantics import (BACKLOG, F_MORE, F_NOTIF, PAGE, Recorder, cancel, cqes, fill, no_orphans, nothing_happens_for,
-                        read_exactly, reset, stalled_pair, submit, submit_flagged, wait_released, wait_res)
+from helpers import Receiver, read_exactly, reset, tcp_pair, unix_pair
+from _semantics import (BACKLOG, F_MORE, F_NOTIF, PAGE, Recorder, cancel, cqes, fill, no_orphans,
+                        nothing_happens_for, stalled_pair, submit, submit_flagged, wait_released, wait_res)
 
 REPORT_USAGE = ll.IORING_SEND_ZC_REPORT_USAGE
 ZC_COPIED_S32 = -(1 << 31)  # IORING_NOTIF_USAGE_ZC_COPIED as the CQE's signed res

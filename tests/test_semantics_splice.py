@@ -25,11 +25,11 @@ import pytest
 import uringsend
 from uringsend import TransferCancelled
 from uringsend import _lowlevel as ll
-from conftest import Receiver, tcp_pair, unix_pair
+from helpers import Receiver, io_wq_workers, tcp_pair, unix_pair, wait_for
 from _faults import drop_to_nobody, private_file, run_child
 from _semantics import (ERESTARTSYS, F_MORE, F_NOTIF, PAGE, SPLICE_F_NONBLOCK, Recorder, cancel, cqes, fill,
-                        in_thread, pipe_pending, nothing_happens_for, stalled_pair, submit, wait_for, wait_released,
-                        wait_res, workers)
+                        in_thread, pipe_pending, nothing_happens_for, stalled_pair, submit, wait_released,
+                        wait_res)
 
 CAP_SYS_RESOURCE = 24
 
@@ -47,12 +47,12 @@ def _workers_for_inline_ops_and_one_splice(path):
             nop = rec.op(ll.OP_NOP)
             submit(ring, [send], [nop])
             assert wait_res(ring, send, nop) == [0, 0]
-            inline = workers(tid)
+            inline = io_wq_workers(tid)
             # Nothing here can block (a file into an empty pipe), yet it goes to a worker.
             splice = rec.op(ll.OP_SPLICE, w, fd_in=fd, off_in=0, off=-1, len=4096)
             submit(ring, [splice])
             assert wait_res(ring, splice) == [4096]
-            return inline, workers(tid)
+            return inline, io_wq_workers(tid)
     finally:
         for x in (fd, r, w):
             os.close(x)
@@ -75,9 +75,9 @@ def _blocked_splices(n, max_workers):
             ops = [rec.op(ll.OP_SPLICE, a.fileno(), fd_in=r, off_in=-1, off=-1, len=10) for _ in range(n)]
             submit(ring, *[[op] for op in ops])
             expected = min(n, max_workers)
-            wait_for(lambda: workers(tid) >= expected, what=f"{expected} io-wq workers")
+            wait_for(lambda: io_wq_workers(tid) >= expected, what=f"{expected} io-wq workers")
             nothing_happens_for(ring, lambda: any(op.res is not None for op in ops))  # all blocked on the empty pipe
-            seen = workers(tid)
+            seen = io_wq_workers(tid)
             os.close(w)  # no writer left: every splice, running or queued, reads EOF
             w = None
             results = wait_res(ring, *ops)

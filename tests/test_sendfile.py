@@ -9,9 +9,8 @@ import time
 import pytest
 
 import uringsend
-from conftest import Receiver, sha, tcp_pair, unix_pair
+from helpers import MODES, Receiver, reset, sha, tcp_pair, unix_pair
 
-MODES = ["splice", "zerocopy", "mmap", "copy", "auto"]
 STABLE = ["zerocopy", "mmap", "copy"]
 
 
@@ -290,8 +289,7 @@ def test_peer_reset_mid_transfer(mode, make_file):
         with uringsend.Ring() as ring:
             t = ring.sendfile(client, path, mode=mode)
             ring.poll(0.05)
-            peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-            peer.close()
+            reset(peer)
             with pytest.raises((ConnectionResetError, BrokenPipeError)):
                 t.result(10)
             ring.run_until_complete(10)
@@ -383,8 +381,7 @@ def test_tee_survives_one_peer_resetting(make_file):
         with uringsend.Ring() as ring:
             ts = ring.tee([c for c, _ in pairs], path)
             ring.poll(0.01)
-            victim.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-            victim.close()
+            reset(victim)
             ring.wait(ts, 30)
             assert isinstance(ts[1].error, (ConnectionResetError, BrokenPipeError)) or ts[1].sent == len(data)
             for i in (0, 2):

@@ -19,7 +19,7 @@ import threading
 import pytest
 
 from uringsend.server import start_server
-from conftest import sha
+from helpers import sha
 
 SIZES = {"empty.bin": 0, "one.bin": 1, "page.txt": 4095, "4k.bin": 4096, "odd.bin": 65543,
          "1m.bin": 1 << 20, "5m.bin": (5 << 20) + 1}

@@ -34,15 +34,13 @@ import psutil
 import pytest
 
 from uringsend import ReleaseNotReported, Ring, TransferCancelled
+from helpers import MODES, Receiver, tcp_pair, unix_pair
 
-from conftest import tcp_pair, unix_pair
-from _faults import peer_reset
 
 SEEDS = [11, 23, 37, 52]
 STEPS = int(os.environ.get("URINGSEND_STRESS_STEPS", "120"))
 SLOW_SEEDS = [101, 202, 303, 404, 505, 606]
 SLOW_STEPS = 400
-MODES = ("auto", "splice", "zerocopy", "mmap", "copy")
 SENT, RELEASED, QUEUED = "sent", "released", "queued"
 MIB = 1 << 20
 TIMEOUT = 60  # seconds for any one wait: a hang fails the test instead of blocking it
@@ -120,55 +118,14 @@ def covered(intervals):
 
 
 # ---- peers, files, jobs -----------------------------------------------------------------------
-class Peer:
-    """Reads one socket in a thread until EOF. With a ``gate`` (an Event), it stops once
-    ``hold_at`` bytes arrived (0: before the first read) until the gate is set. With
-    ``reset_after``, once that many bytes arrived it resets the connection (SO_LINGER 0 close) and
-    stops. ``join()`` re-raises whatever the thread raised."""
-
-    def __init__(self, sock, gate=None, hold_at=0, reset_after=None):
-        self.sock = sock
-        self.gate = gate
-        self.hold_at = hold_at
-        self.reset_after = reset_after
-        self.data = bytearray()
-        self.reset = False
-        self.error = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        try:
-            while True:
-                n = len(self.data)
-                want = 1 << 20
-                if self.reset_after is not None:
-                    if n >= self.reset_after:
-                        self.reset = True
-                        peer_reset(self.sock)
-                        return
-                    want = min(want, self.reset_after - n)
-                if self.gate is not None and not self.gate.is_set():
-                    if n >= self.hold_at:
-                        self.gate.wait()
-                    else:
-                        want = min(want, self.hold_at - n)
-                chunk = self.sock.recv(want)
-                if not chunk:
-                    return
-                self.data += chunk
-        except BaseException as exc:  # noqa: B036 - handed to join()
-            self.error = exc
+class Peer(Receiver):
+    """A Receiver that closes its socket once it has read to EOF (a reset one is closed already)."""
 
     def join(self, timeout=TIMEOUT):
-        self.thread.join(timeout)
-        if self.thread.is_alive():
-            raise AssertionError(f"peer did not see EOF within {timeout} s ({len(self.data)} bytes read)")
-        if self.error is not None:
-            raise self.error
+        data = super().join(timeout)
         if not self.reset:
             self.sock.close()
-        return bytes(self.data)
+        return data
 
 
 class File:

@@ -288,7 +288,7 @@ def _count_changed(got, old, new):
 
 def _hazard_case(mode, after_release, expect_hazard, size, timeout):
     # A 4 KiB receive window and a gated reader keep nearly every byte in the sender's queue;
-    # the send buffer is made big enough that the whole file fits there, so wait() returns.
+    # the send buffer is made big enough that the whole file fits there, so result() returns.
     gate = threading.Event()
     with datafile(size) as (path, old), loopback(rcvbuf=4096, sndbuf=4 * size, gate=gate) as link:
         new = old.translate(_INVERT)
