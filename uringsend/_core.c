@@ -325,6 +325,8 @@ static void change(struct us_core *c, struct xfer *x, uint32_t bits)
 static void event(struct us_core *c, struct xfer *x, uint8_t kind, int64_t offset, uint32_t n, int copied)
 {
     struct us_event *ev;
+    if (kind == US_RELEASED && offset >= 0)
+        x->pub.released += n;  /* counted even if the timeline below cannot grow */
     if (x->pub.nevents == x->cap_events) {
         uint32_t cap = x->cap_events * 2;
         struct us_event *grown;

@@ -69,6 +69,7 @@ struct us_xfer {
     uint64_t sent;           /* file bytes the socket accepted, in order */
     uint64_t header_sent;
     uint64_t trailer_sent;
+    uint64_t released;       /* file bytes whose release was reported */
     uint64_t stranded;       /* bytes found in a pipe after a broken chain, and discarded */
     int64_t started_ns;
     int64_t released_ns;     /* when the last RELEASED event so far was recorded; 0 none */

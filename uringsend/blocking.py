@@ -65,9 +65,7 @@ def sendfile(sock, file, offset=0, count=None, *, mode="auto", headers=None, tra
             raise TypeError("pass headers= or its synonym header=, not both")
         headers = header
     seek = None
-    if isinstance(sock, socket.socket):
-        if not sock.type & socket.SOCK_STREAM:
-            raise ValueError("only SOCK_STREAM type sockets are supported")
+    if isinstance(sock, socket.socket):  # socket.sendfile's conventions (Ring.sendfile checks the type)
         if count is not None:
             if not isinstance(count, int) or isinstance(count, bool):
                 raise TypeError(f"count must be a positive integer (got {count!r})")
@@ -110,6 +108,8 @@ def sendfile(sock, file, offset=0, count=None, *, mode="auto", headers=None, tra
 
 def _os_sendfile(sock, file, offset, count, headers, trailers, why):
     offset = _nonneg("offset", offset)
+    if isinstance(sock, socket.socket) and sock.type != socket.SOCK_STREAM:
+        raise ValueError("only SOCK_STREAM type sockets are supported")
     head, tail = _joined("headers", headers), _joined("trailers", trailers)
     sock_fd = _sock_fd(sock)
     file_fd, _ = _file_fd(file)

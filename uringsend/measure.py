@@ -28,6 +28,7 @@ import time
 
 from . import Ring  # the public API only
 from . import sendfile as _blocking_sendfile
+from .ring import MODES
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -35,8 +36,8 @@ KiB, MiB = 1 << 10, 1 << 20
 REFERENCE = "splice"      # blocking splice through a pipe: what every ratio is taken against
 SENDFILE = "sendfile"     # os.sendfile: the second reference of the cost per transfer
 BLOCKING = ("splice", "sendfile", "read-send")
-URING_MODES = ("splice", "zerocopy", "mmap", "copy", "auto")
-STABLE_MODES = ("zerocopy", "mmap", "copy", "auto")  # modes that report "released"
+URING_MODES = tuple(m for m in MODES if m != "auto") + ("auto",)  # the engine's modes, then auto
+STABLE_MODES = tuple(m for m in URING_MODES if m != "splice")  # modes that report "released"
 CONTENDERS = BLOCKING + tuple(f"uringsend-{m}" for m in URING_MODES)
 ONESHOT = "uringsend.sendfile"  # the blocking one-liner, mode auto
 ALL = CONTENDERS + (ONESHOT,)

@@ -12,6 +12,7 @@ Three parts, each with one job:
 The per-transfer work (chains, submission, reaping, what each CQE means, buffers, pipes, the
 zero-copy budget, the timeline) runs in the C engine (``_core.c``, wrapped by ``_lowlevel.Core``).
 """
+import _socket
 import errno
 import os
 import socket
@@ -40,7 +41,8 @@ _CODES = {mode: ll.MODE_CODES[AUTO if mode == "auto" else mode] for mode in MODE
 _ZEROCOPY = ll.MODE_CODES["zerocopy"]
 _us_start, _NULL, _gc, _xfer_put = ll.xfer_start, ll.NULL, ll.gc, ll.xfer_put
 _SOCKET = socket.socket
-_STREAM = socket.SOCK_STREAM
+_STREAM = int(socket.SOCK_STREAM)
+_socket_type = _socket.socket.type.__get__
 # Engines whose ring was closed while the kernel may still reference their memory: kept for the
 # life of the process rather than freed or reused.
 _kept_alive = []
@@ -228,7 +230,7 @@ class Ring:
             sock_fd = sock.fileno()
             if sock_fd < 0:
                 raise OSError(errno.EBADF, f"sendfile: socket {sock!r} is closed")
-            if not sock.type & _STREAM:
+            if _socket_type(sock) != _STREAM:  # the C getter: .type builds an enum per call
                 raise ValueError("only SOCK_STREAM type sockets are supported")
         else:
             sock_fd = _sock_fd(sock)

@@ -177,18 +177,16 @@ class Transfer:
         return self._events
 
     # --- waiting (drives the ring) -------------------------------------------------------------
-    def _drive(self, until, timeout):
-        if not until():
-            self._driver.run_until(until, timeout)
-
     def result(self, timeout=None):
         """Wait until the transfer ends (at most ``timeout`` s, then TimeoutError; the transfer
         goes on). Returns the number of file bytes sent, or raises the transfer's error
         (``TransferCancelled`` if it was cancelled before its last byte) or what a release
         callback raised."""
         x = self._x
-        self._drive(lambda: x.done, timeout)
-        self._fire_releases()  # releases found while the ring ran for other transfers
+        if not x.done:
+            self._driver.run_until(lambda: x.done, timeout)
+        if self._release_callbacks:
+            self._fire_releases()  # releases found while the ring ran for other transfers
         if self._callback_error is not None:
             raise self._callback_error
         if x.error:
@@ -199,7 +197,8 @@ class Transfer:
         """Wait until the transfer ends; returns its error or None. Like a future's, it raises
         ``TransferCancelled`` (a ``concurrent.futures.CancelledError``) if it was cancelled."""
         x = self._x
-        self._drive(lambda: x.done, timeout)
+        if not x.done:
+            self._driver.run_until(lambda: x.done, timeout)
         if self.cancelled():
             raise self.error
         return self.error
@@ -216,11 +215,13 @@ class Transfer:
                 "splice mode hands page-cache pages to the socket by reference and the kernel never "
                 "reports when it drops them; use mode='zerocopy', 'mmap' or 'copy' for release events")
         x = self._x
-        self._drive(lambda: x.settled, timeout)
-        self._fire_releases()
+        if not x.settled:
+            self._driver.run_until(lambda: x.settled, timeout)
+        if self._release_callbacks:
+            self._fire_releases()
         if self._callback_error is not None:
             raise self._callback_error
-        return self.released_bytes()
+        return x.released
 
     def cancel(self):
         """Ask the kernel to stop this transfer. Returns False if it was already done, else True
@@ -312,7 +313,7 @@ class Transfer:
 
     def released_bytes(self):
         """File bytes released so far."""
-        return sum(e.nbytes for e in self.events if e.kind == RELEASED and e.offset is not None)
+        return self._x.released
 
     def __repr__(self):
         state = "settled" if self.settled() else "done" if self.done() else "running"
