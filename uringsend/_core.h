@@ -40,6 +40,8 @@
 #define US_START_OFFSET 6       /* offset past the end: the size is reported */
 #define US_START_MAP 7
 #define US_START_OTHER 8
+#define US_START_NO_SLOT 9      /* every stream buffer slot of the registered buffer table is taken */
+#define US_START_REGISTER 10    /* registering the stream buffer failed: errno says why */
 
 /* What changed for a watched transfer in one us_run (us_change.what), or a raw op's CQE. */
 #define US_CH_DONE 1
@@ -84,6 +86,10 @@ struct us_xfer {
     uint8_t done;            /* no more bytes will be sent */
     uint8_t settled;         /* done, and the kernel holds nothing of this transfer any more */
     uint8_t notify;          /* Python watches it: report changes in us_run's batch */
+    /* Memory sources (us_send, us_stream): offsets count bytes from the start of the memory. */
+    uint64_t released_upto;  /* every byte below this offset has been released */
+    uint64_t copied_bytes;   /* released bytes the kernel copied */
+    uint64_t zerocopy_bytes; /* released bytes the kernel sent as pages (no copy) */
 };
 
 struct us_change {
@@ -184,6 +190,16 @@ void us_cancel(struct us_core *c, struct us_xfer *x);
 void us_cancel_all(struct us_core *c);
 void us_xfer_put(struct us_xfer *x);
 int us_run(struct us_core *c, unsigned wait_nr, int64_t timeout_ns, int ack);
+
+/* Memory sources. us_send: len bytes at addr (pinned by the caller until the transfer settles).
+ * us_stream: an open transfer from a circular buffer of size bytes at addr, registered by the core
+ * in a slot of its buffer table (and unregistered when the transfer settles); us_stream_commit
+ * makes the next n bytes of the stream (at stream offset modulo size) sendable, us_stream_end
+ * lets the transfer finish once they are sent. mode: US_MODE_MMAP (SEND_ZC) or US_MODE_COPY. */
+struct us_xfer *us_send(struct us_core *c, int mode, int sock_fd, uint64_t addr, uint64_t len, int notify);
+struct us_xfer *us_stream(struct us_core *c, int mode, int sock_fd, uint64_t addr, uint64_t size, int notify);
+int us_stream_commit(struct us_core *c, struct us_xfer *x, uint64_t n);
+void us_stream_end(struct us_core *c, struct us_xfer *x);
 
 int us_raw_submit(struct us_core *c, struct us_rawop *ops, unsigned n);
 
