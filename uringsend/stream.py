@@ -463,16 +463,17 @@ class AsyncStreamWriter:
         w._check_open()
         view = byte_view(data, "write")
         with view:
+            total = view.nbytes
             done = 0
-            while done < view.nbytes:
-                want = min(view.nbytes - done, w.size)
+            while done < total:
+                want = min(total - done, w.size)
                 await self.wait_writable(want)
                 room = w.reserve(want, 0)
                 k = len(room)
                 room[:] = view[done:done + k]
                 w.commit(k)
                 done += k
-        return view.nbytes
+        return total
 
     async def drain(self):
         """Wait until every committed byte was sent and released by the kernel."""

@@ -1,0 +1,365 @@
+"""Ring.stream: a writer on a registered circular buffer, sent with SEND_ZC from the fixed buffer;
+a region is handed out again only after the kernel released it."""
+import asyncio
+import errno
+import hashlib
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import uringsend
+from uringsend import aio, stream
+from uringsend.stream import AsyncStreamWriter, StreamError
+from uringsend.errors import TransferCancelled
+
+from _faults import peer_reset, small_buffers
+from conftest import Receiver, sha, tcp_pair, unix_pair
+
+KB, MB = 1 << 10, 1 << 20
+BLOCK = os.urandom(MB + 65536)  # records are slices of this at odd offsets and sizes
+
+
+@pytest.fixture(autouse=True)
+def no_pin_left():
+    before = set(stream._pinned)
+    yield
+    assert not (stream._pinned - before), stream._pinned - before
+
+
+class HashReader:
+    """Reads a socket to EOF in a thread, keeping only the sha256 and the length."""
+
+    def __init__(self, sock, gate=None):
+        self.sock, self.gate = sock, gate
+        self.hash, self.n, self.error = hashlib.sha256(), 0, None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            if self.gate is not None:
+                self.gate.wait()
+            while chunk := self.sock.recv(1 << 20):
+                self.hash.update(chunk)
+                self.n += len(chunk)
+        except OSError as exc:
+            self.error = exc
+
+    def join(self, timeout=120):
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "reader did not see EOF"
+        return self.n, self.hash.hexdigest()
+
+
+def records(total, seed, largest=20000):
+    """Odd-sized records adding up to ``total`` bytes."""
+    rng = random.Random(seed)
+    left = total
+    while left:
+        n = min(left, rng.randint(1, largest))
+        at = rng.randint(0, len(BLOCK) - n)
+        yield memoryview(BLOCK)[at:at + n]
+        left -= n
+
+
+@pytest.mark.parametrize("mode", ["zerocopy", "copy"])
+@pytest.mark.parametrize("total", [0, 1, 4095, 3 * 64 * KB + 17, 16 * MB + 3])
+def test_every_byte_in_order_across_wrap_around(total, mode):
+    client, peer = tcp_pair()
+    rx = HashReader(peer)
+    expect = hashlib.sha256()
+    try:
+        with uringsend.Ring() as ring:
+            with ring.stream(client, 64 * KB, mode=mode) as w:
+                for rec in records(total, seed=total):
+                    assert w.write(rec) == len(rec)
+                    expect.update(rec)
+                assert w.committed == total
+            st = w.statistics()
+            assert st["released"] == st["sent"] == total and st["in_flight"] == 0
+            assert st["wrapped"] == total // (64 * KB)
+            assert st["copied"] == total  # loopback: the kernel copies, and says so [KF 15]
+            assert w.transfer.settled and not w.transfer.pinned
+            assert ring.statistics()["transfers_active"] == 0
+        client.shutdown(socket.SHUT_WR)
+        assert rx.join() == (total, expect.hexdigest())
+    finally:
+        client.close()
+        peer.close()
+
+
+def test_256_mib_through_a_1_mib_buffer():
+    total = 256 * MB
+    client, peer = tcp_pair()
+    rx = HashReader(peer)
+    expect = hashlib.sha256()
+    try:
+        with uringsend.Ring() as ring, ring.stream(client, MB) as w:
+            for rec in records(total, seed=7, largest=300000):
+                w.write(rec)
+                expect.update(rec)
+            w.flush()
+            assert w.released == total and w.wrapped == 256
+        client.shutdown(socket.SHUT_WR)
+        assert rx.join() == (total, expect.hexdigest())
+    finally:
+        client.close()
+        peer.close()
+
+
+def test_reserve_and_commit_fill_in_place_and_the_view_ends_at_commit(tcp):
+    client, peer = tcp
+    rx = Receiver(peer)
+    sent = bytearray()
+    with uringsend.Ring() as ring, ring.stream(client, 16 * KB) as w:
+        for i in range(50):
+            view = w.reserve(3000)
+            n = len(view)
+            assert 1 <= n <= 3000  # shorter only at the end of the buffer
+            view[:] = bytes([i % 256]) * n
+            w.commit(n - 1)  # commit may take less than was reserved
+            with pytest.raises(ValueError):
+                view[0] = 1  # released at commit: it cannot change what was sent
+            sent += bytes([i % 256]) * (n - 1)
+        view = w.reserve(10)
+        w.commit(0)
+    client.shutdown(socket.SHUT_WR)
+    assert rx.join() == sent
+
+
+def test_a_stalled_reader_blocks_the_writer_and_nothing_is_reused_or_lost():
+    client, peer = tcp_pair(rcvbuf=4096)
+    small_buffers(client)
+    gate = threading.Event()
+    rx = HashReader(peer, gate)
+    expect = hashlib.sha256()
+    size = 256 * KB
+    try:
+        with uringsend.Ring() as ring, ring.stream(client, size) as w:
+            written = 0
+            with pytest.raises(TimeoutError):
+                for rec in records(4 * MB, seed=3, largest=5000):
+                    w.write(rec, timeout=0.2)  # the wait that fails: the peer reads nothing
+                    expect.update(rec)
+                    written += len(rec)
+            # The writer stopped with its buffer full of unreleased bytes: nothing was handed out
+            # again before the kernel released it, whatever the buffer size would suggest.
+            st = w.statistics()
+            assert st["committed"] - st["released"] > size - 5000
+            assert st["committed"] - st["released"] <= size
+            assert st["released"] < st["committed"] and st["waits"] >= 1
+            # the failed write committed what fitted before it waited: account for it
+            tail = st["committed"] - written
+            assert 0 <= tail < 5000
+            expect.update(bytes(rec[:tail]))
+            gate.set()
+            rest = b"after the stall"
+            w.write(rest)
+            expect.update(rest)
+            w.flush()
+            assert w.released == w.committed
+        client.shutdown(socket.SHUT_WR)
+        n, digest = rx.join()
+        assert n == st["committed"] + len(rest) and digest == expect.hexdigest()
+    finally:
+        gate.set()
+        client.close()
+        peer.close()
+
+
+def test_reusing_a_released_region_never_changes_what_the_peer_got(tcp):
+    client, peer = tcp
+    rx = Receiver(peer)
+    first, second = os.urandom(64 * KB), os.urandom(64 * KB)
+    with uringsend.Ring() as ring, ring.stream(client, 64 * KB) as w:
+        w.write(first)
+        w.flush()  # released: the whole buffer may be reused
+        view = w.reserve(64 * KB)
+        assert len(view) == 64 * KB  # the same region, handed out again
+        view[:] = second
+        w.commit(len(view))
+    client.shutdown(socket.SHUT_WR)
+    assert rx.join() == first + second
+
+
+@pytest.mark.parametrize("mode", ["zerocopy", "copy"])
+def test_peer_reset_mid_stream_is_a_clear_error_and_nothing_is_reused_early(mode):
+    client, peer = tcp_pair(rcvbuf=4096)
+    small_buffers(client)
+    try:
+        with uringsend.Ring() as ring:
+            w = ring.stream(client, 256 * KB, mode=mode)
+            w.write(BLOCK[:256 * KB])
+            peer_reset(peer)  # unread data: an RST
+            with pytest.raises((ConnectionResetError, BrokenPipeError)) as info:
+                for _ in range(100):
+                    w.write(BLOCK[:64 * KB], timeout=10)
+                w.flush(10)
+            assert info.value.errno in (errno.ECONNRESET, errno.EPIPE)
+            assert f"fd {client.fileno()}" in str(info.value)
+            assert w.committed - w.released <= w.size
+            with pytest.raises(type(info.value)):
+                w.close()
+            assert w.closed and w.transfer.settled and not w.transfer.pinned
+            with pytest.raises(StreamError):
+                w.write(b"x")
+    finally:
+        client.close()
+
+
+def test_unix_stream_falls_back_to_copying_sends():
+    client, peer = unix_pair()
+    rx = Receiver(peer)
+    try:
+        with uringsend.Ring() as ring, ring.stream(client, 64 * KB) as w:
+            w.write(BLOCK[:MB])
+        assert w.transfer.fallback and w.statistics()["copied"] == MB
+        client.shutdown(socket.SHUT_WR)
+        assert rx.join() == BLOCK[:MB]
+    finally:
+        client.close()
+        peer.close()
+
+
+@pytest.mark.parametrize("pool_first", [True, False])
+def test_stream_buffers_and_the_zerocopy_pool_share_the_buffer_table(pool_first, make_file):
+    path, data = make_file(3 * MB + 5)
+    client, peer = tcp_pair()
+    client2, peer2 = tcp_pair()
+    rx, rx2 = Receiver(peer), Receiver(peer2)
+    try:
+        with uringsend.Ring(buffers=4, buffer_size=64 * KB) as ring:
+            if pool_first:
+                ring.sendfile(client2, path, mode="zerocopy").wait_released(10)
+            with ring.stream(client, 64 * KB) as w:
+                w.write(BLOCK[:MB])
+                if not pool_first:
+                    ring.sendfile(client2, path, mode="zerocopy").wait_released(10)
+                w.write(BLOCK[MB:2 * MB])
+        for c in (client, client2):
+            c.shutdown(socket.SHUT_WR)
+        assert rx.join() == BLOCK[:2 * MB]
+        assert sha(rx2.join()) == sha(data)
+    finally:
+        for s in (client, peer, client2, peer2):
+            s.close()
+
+
+def test_stream_slots_are_limited_and_given_back(tcp):
+    client, _ = tcp
+    with uringsend.Ring() as ring:
+        writers = [ring.stream(client, 4096) for _ in range(64)]
+        with pytest.raises(OSError) as info:
+            ring.stream(client, 4096)
+        assert info.value.errno == errno.ENOSPC and "slots" in str(info.value)
+        writers.pop().close()
+        writers.append(ring.stream(client, 4096))
+        for w in writers:
+            w.close()
+        assert ring.statistics()["transfers_active"] == 0
+
+
+def test_closing_the_ring_ends_an_open_stream(tcp):
+    client, peer = tcp
+    rx = Receiver(peer)
+    ring = uringsend.Ring()
+    w = ring.stream(client, 64 * KB)
+    w.write(b"before close")
+    w.flush()
+    ring.close()
+    with pytest.raises((TransferCancelled, ValueError)):
+        w.write(b"after")
+    w.close()  # nothing left to do, and no error of its own
+    assert w.closed and w.transfer.settled and not w.transfer.pinned
+    client.shutdown(socket.SHUT_WR)
+    assert rx.join() == b"before close"
+
+
+def test_bad_arguments_are_refused(tcp, tmp_path):
+    client, _ = tcp
+    with uringsend.Ring() as ring:
+        for size in (0, 4095, 4097, 1 << 31, "1"):
+            with pytest.raises(ValueError, match="size"):
+                ring.stream(client, size)
+        with pytest.raises(ValueError, match="mode"):
+            ring.stream(client, 4096, mode="auto")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            with pytest.raises(ValueError, match="SOCK_DGRAM"):
+                ring.stream(udp, 4096)
+        with ring.stream(client, 4096) as w:
+            for n in (0, 4097, 1.5):
+                with pytest.raises(ValueError, match="reserve"):
+                    w.reserve(n)
+            with pytest.raises(ValueError, match="without a reserved view"):
+                w.commit(1)
+            assert len(w.reserve(10)) == 10
+            with pytest.raises(ValueError, match="commit"):
+                w.commit(11)
+            w.commit(0)
+            with pytest.raises(TypeError, match="not str"):
+                w.write("text")
+            with pytest.raises(ValueError, match="C-contiguous"):
+                w.write(memoryview(bytes(10))[::2])
+        with pytest.raises(StreamError):
+            w.write(b"x")
+        assert ring.statistics()["transfers_active"] == 0
+
+
+def test_async_writer_writes_drains_and_closes():
+    async def main():
+        client, peer = tcp_pair(rcvbuf=4096)
+        small_buffers(client)
+        gate = threading.Event()
+        rx = HashReader(peer, gate)
+        expect = hashlib.sha256()
+        try:
+            async with aio.AsyncRing(64) as aring:
+                w = AsyncStreamWriter(aring, client, 64 * KB)
+                ticks = 0
+
+                async def ticker():  # the loop keeps running while the writer waits
+                    nonlocal ticks
+                    while True:
+                        ticks += 1
+                        if ticks == 3:
+                            gate.set()  # the reader starts only once the loop has turned
+                        await asyncio.sleep(0)
+                task = asyncio.ensure_future(ticker())
+                for rec in records(4 * MB, seed=11):
+                    await w.write(rec)
+                    expect.update(rec)
+                await w.drain()
+                assert w.released == w.committed == 4 * MB and w.waits == 0
+                await w.aclose()
+                task.cancel()
+                assert ticks >= 3 and w.transfer.settled
+            client.shutdown(socket.SHUT_WR)
+            assert rx.join() == (4 * MB, expect.hexdigest())
+        finally:
+            gate.set()
+            client.close()
+            peer.close()
+    asyncio.run(main())
+
+
+def _demo(*args):
+    proc = subprocess.run([sys.executable, "-m", "uringsend", "demo", "stream", "--json", *args],
+                          capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_demo_stream_runs_and_passes_its_checks():
+    doc = _demo()
+    assert doc["ok"] and doc["demo"] == "stream"
+    assert all(c["passed"] for c in doc["checks"])
+    normal, tiny = doc["runs"]
+    assert normal["waits"] == 0 or normal["size"] > tiny["size"]
+    assert tiny["waits"] > 0  # the tiny buffer made the writer wait for releases
+    assert tiny["lines"] and all(line["in_flight"] <= tiny["size"] for line in tiny["lines"])
