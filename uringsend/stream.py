@@ -218,6 +218,7 @@ class StreamWriter:
         self.wrapped = 0           # times the write position went past the end of the buffer
         self._view = None          # the last reserved view, until committed
         self._closed = False
+        self._backlog = max(64 << 10, size // 8)
         self._buffer = mmap.mmap(-1, size)
         pin = ll.Pinned(self._buffer)
         core = ring._core
@@ -303,8 +304,10 @@ class StreamWriter:
             raise self._failure()
         if x.end // self.size > lap:  # a view never crosses the end: this commit reached it
             self.wrapped += 1
-        if ret == 1:
-            self.ring.poll(0)  # the chain in flight may be over: the next one takes these bytes
+        if ret == 1 and x.end - x.sent >= self._backlog:
+            # Behind the chain in flight: once enough waits, look whether that chain is over, so
+            # that the next one takes these bytes (one enter per commit would cost more CPU).
+            self.ring.poll(0)
 
     def write(self, data, timeout=None):
         """Copy ``data`` into the buffer and send it, waiting for released space as needed
