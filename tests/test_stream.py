@@ -1,12 +1,15 @@
 """Ring.stream: a writer on a registered circular buffer, sent with SEND_ZC from the fixed buffer;
 a region is handed out again only after the kernel released it."""
 import asyncio
+import ctypes
 import errno
 import hashlib
 import json
+import mmap
 import os
 import random
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -14,11 +17,12 @@ import threading
 import pytest
 
 import uringsend
-from uringsend import aio, stream
+from uringsend import _lowlevel as ll, aio, stream
 from uringsend.stream import AsyncStreamWriter, StreamError
 from uringsend.errors import TransferCancelled
 
 from _faults import peer_reset, small_buffers
+from _semantics import F_MORE, F_NOTIF, PAGE, Recorder, SyscallRing, cqes, submit, wait_released
 from conftest import Receiver, sha, tcp_pair, unix_pair
 
 KB, MB = 1 << 10, 1 << 20
@@ -363,3 +367,59 @@ def test_demo_stream_runs_and_passes_its_checks():
     assert normal["waits"] == 0 or normal["size"] > tiny["size"]
     assert tiny["waits"] > 0  # the tiny buffer made the writer wait for releases
     assert tiny["lines"] and all(line["in_flight"] <= tiny["size"] for line in tiny["lines"])
+
+
+# ---- kernel fact 29: one buffer registration per ring; a sparse table's slots are updated any time --
+_REGISTER_BUFFERS, _REGISTER_BUFFERS2, _REGISTER_BUFFERS_UPDATE = 0, 15, 16
+_RSRC_REGISTER_SPARSE = 1
+
+
+def _register(ring, opcode, arg, nr):
+    libc = SyscallRing._libc
+    ret = libc.syscall(427, ring.fd, opcode, ctypes.c_void_p(arg), nr)  # io_uring_register
+    return ret if ret >= 0 else -ctypes.get_errno()
+
+
+def _iovecs(*buffers):
+    vec = (ctypes.c_uint64 * (2 * len(buffers)))()
+    for i, buf in enumerate(buffers):
+        vec[2 * i] = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        vec[2 * i + 1] = len(buf)
+    return vec
+
+
+def test_buffers_register_once_but_a_sparse_tables_slots_update_any_time():
+    a, b = mmap.mmap(-1, 4096), mmap.mmap(-1, 4096)
+    vec = _iovecs(a, b)
+    with SyscallRing(8) as plain, SyscallRing(8) as sparse:
+        assert _register(plain, _REGISTER_BUFFERS, ctypes.addressof(vec), 1) == 0
+        assert _register(plain, _REGISTER_BUFFERS, ctypes.addressof(vec), 1) == -errno.EBUSY
+        table = struct.pack("IIQQQ", 4, _RSRC_REGISTER_SPARSE, 0, 0, 0)  # io_uring_rsrc_register
+        tbuf = ctypes.create_string_buffer(table, len(table))
+        assert _register(sparse, _REGISTER_BUFFERS2, ctypes.addressof(tbuf), len(table)) == 0
+        for slot, at in ((3, 0), (0, 1)):  # any slot, in any order, one registration each
+            update = struct.pack("IIQQII", slot, 0, ctypes.addressof(vec) + 16 * at, 0, 1, 0)
+            ubuf = ctypes.create_string_buffer(update, len(update))
+            assert _register(sparse, _REGISTER_BUFFERS_UPDATE, ctypes.addressof(ubuf), len(update)) == 1
+        assert _register(sparse, _REGISTER_BUFFERS, ctypes.addressof(vec), 1) == -errno.EBUSY
+    del vec
+    a.close()
+    b.close()
+
+
+def test_an_emptied_stream_slot_is_efault_for_a_fixed_send(tcp):
+    client, peer = tcp
+    rec = Recorder()
+    rx = Receiver(peer)
+    with uringsend.Ring(entries=8, buffers=2, buffer_size=PAGE, trace=True) as ring:
+        ring._buffer_pool()  # the pool takes slots 0 and 1 of a sparse table of 2 + 64
+        with ring.stream(client, PAGE) as w:  # the first stream slot, 2, filled by an update
+            w.write(b"s" * 10)
+        # closed: slot 2 is empty again, and a fixed send naming it fails
+        empty = rec.op(ll.OP_SEND_ZC_FIXED, client.fileno(), addr=ring._core.pool_address(0), len=10,
+                       buf_index=2, op_flags=socket.MSG_NOSIGNAL)
+        submit(ring, [empty])
+        wait_released(ring, rec, empty)
+        assert cqes(ring, empty) == [(-errno.EFAULT, F_MORE), (0, F_NOTIF)]
+    client.shutdown(socket.SHUT_WR)
+    assert rx.join() == b"s" * 10

@@ -218,7 +218,7 @@ class StreamWriter:
         self.wrapped = 0           # times the write position went past the end of the buffer
         self._view = None          # the last reserved view, until committed
         self._closed = False
-        self._backlog = max(64 << 10, size // 8)
+        self._backlog = max(ll.PAGE, size // 8)
         self._buffer = mmap.mmap(-1, size)
         pin = ll.Pinned(self._buffer)
         core = ring._core
