@@ -279,7 +279,7 @@ def concurrency(plan, modes, server, workers, files, log):
 MEMORY_CHUNK = 64 << 10          # the application's writes
 MEMORY_BLOCK = 64 << 20          # in-memory data, cycled through: the stream's bytes
 MEMORY_WRITER_BUFFER = 4 << 20   # the stream writer's registered circular buffer
-MEMORY_CONTENDERS = ("writer", "sendall", "ring-send-copy")
+MEMORY_CONTENDERS = ("writer", "writer-copy", "sendall", "ring-send-copy")
 
 
 def _memory_chunks(block, size):
@@ -294,12 +294,13 @@ def _memory_chunks(block, size):
         left -= n
 
 
-def _memory_serve(name, conn, ring, writer, block, size):
+def _memory_serve(name, conn, ring, writers, block, size):
     """One request: ``size`` bytes of in-memory data in MEMORY_CHUNK writes, every byte released
     (for the writer: flushed, i.e. every SEND_ZC notification in) before the next request."""
     if conn.recv(1) != measure.REQUEST:
         raise ConnectionError("the client went away mid-run")
-    if name == "writer":
+    if name in writers:
+        writer = writers[name]
         for chunk in _memory_chunks(block, size):
             writer.write(chunk)
         writer.flush()
@@ -315,8 +316,8 @@ def _memory_serve(name, conn, ring, writer, block, size):
 
 def memory_stream(plan, server, worker, log):
     """In-memory data to a reader in the worker process: Ring.stream's writer (copy into the
-    registered buffer, SEND_ZC from it, wait for every release) vs socket.sendall of the same
-    chunks vs ring.send(mode='copy') per chunk. GB/s at the client and this process's CPU s/GB,
+    registered buffer, SEND_ZC from it, wait for every release; and its mode 'copy', SEND from
+    the buffer) vs socket.sendall of the same chunks vs ring.send(mode='copy') per chunk. GB/s at the client and this process's CPU s/GB,
     contenders alternating in rotated rounds; medians."""
     size = plan.memory_size
     names = list(MEMORY_CONTENDERS)
@@ -325,20 +326,22 @@ def memory_stream(plan, server, worker, log):
     cpus = {name: [] for name in names}
     block = memoryview(os.urandom(MEMORY_BLOCK))
     ring = uringsend.Ring()
-    writer = ring.stream(conns["writer"], MEMORY_WRITER_BUFFER)
+    writers = {"writer": ring.stream(conns["writer"], MEMORY_WRITER_BUFFER),
+               "writer-copy": ring.stream(conns["writer-copy"], MEMORY_WRITER_BUFFER, mode="copy")}
     try:
         for rnd in range(plan.memory_reps + 1):  # round 0 warms up
             for name in measure.rotated(names, rnd):
                 worker.start("stream", f"memory-{name}", size, 1)
                 cpu0 = _cpu()
-                _memory_serve(name, conns[name], ring, writer, block, size)
+                _memory_serve(name, conns[name], ring, writers, block, size)
                 cpu1 = _cpu()
                 t = worker.result()[0]
                 if rnd:
                     rates[name].append(size / t)
                     cpus[name].append((cpu1 - cpu0) / (size / 1e9))
-        stats = writer.statistics()
-        writer.close()
+        stats = writers["writer"].statistics()
+        for writer in writers.values():
+            writer.close()
     finally:
         ring.close()
         for name in names:

@@ -19,7 +19,7 @@ import pytest
 import uringsend
 from uringsend import _lowlevel as ll, aio, stream
 from uringsend.stream import AsyncStreamWriter, StreamError
-from uringsend.errors import TransferCancelled
+from uringsend.errors import RingOwnerError, TransferCancelled
 
 from _faults import peer_reset, small_buffers
 from _semantics import F_MORE, F_NOTIF, PAGE, Recorder, SyscallRing, cqes, submit, wait_released
@@ -423,3 +423,17 @@ def test_an_emptied_stream_slot_is_efault_for_a_fixed_send(tcp):
         assert cqes(ring, empty) == [(-errno.EFAULT, F_MORE), (0, F_NOTIF)]
     client.shutdown(socket.SHUT_WR)
     assert rx.join() == b"s" * 10
+
+
+def test_a_writer_is_used_only_from_its_rings_thread(tcp):
+    client, peer = tcp
+    rx = Receiver(peer)
+    caught = []
+    with uringsend.Ring() as ring, ring.stream(client, 4096) as w:
+        th = threading.Thread(target=lambda: caught.append(pytest.raises(RingOwnerError, w.write, b"x")))
+        th.start()
+        th.join()
+        w.write(b"ok")
+    assert caught and w.statistics()["committed"] == 2
+    client.shutdown(socket.SHUT_WR)
+    assert rx.join() == b"ok"

@@ -24,10 +24,11 @@ import mmap
 import os
 import socket
 import stat
+import threading
 import time
 
 from . import _lowlevel as ll
-from .errors import TransferCancelled, memlock_text
+from .errors import RingOwnerError, TransferCancelled, memlock_text
 from .transfer import Transfer
 
 SEND_MODES = {"auto": "copy", "zerocopy": "zerocopy", "copy": "copy"}
@@ -213,6 +214,7 @@ class StreamWriter:
         name = _mode(mode, {"zerocopy": "zerocopy", "copy": "copy"})
         self.ring = ring
         self.size = size
+        self._owner = threading.get_ident()  # the ring's thread (Ring.stream checked it)
         self.sock_fd = stream_socket(sock, "stream")
         self.waits = 0             # times a reserve waited for the kernel to release space
         self.wrapped = 0           # times the write position went past the end of the buffer
@@ -297,6 +299,10 @@ class StreamWriter:
         view.release()
         if not n:
             return
+        if threading.get_ident() != self._owner:
+            raise RingOwnerError("a stream writer is used only by its ring's thread")
+        if self.ring.closed:
+            raise self._failure()
         x = self._x
         lap = x.end // self.size
         ret = ll.stream_commit(self.ring._core.ptr, x, n)
