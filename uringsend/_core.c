@@ -1849,6 +1849,9 @@ struct us_xfer *us_stream(struct us_core *c, int mode, int sock_fd, uint64_t add
     c->stream_slots |= 1ull << bit;
     x->wrap = size;
     x->open = 1;
+    /* releases come per send: several sends per lap keep the buffer reusable a part at a time */
+    if (x->chunk > size / 8)
+        x->chunk = size / 8 > PAGE ? (uint32_t)(size / 8) : PAGE;
     return mem_launch(c, x, sock_fd);
 }
 
