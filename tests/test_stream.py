@@ -143,7 +143,7 @@ def test_a_stalled_reader_blocks_the_writer_and_nothing_is_reused_or_lost():
     gate = threading.Event()
     rx = HashReader(peer, gate)
     expect = hashlib.sha256()
-    size = 256 * KB
+    size = 64 * KB  # drained through tiny socket buffers afterwards: keep it small
     try:
         with uringsend.Ring() as ring, ring.stream(client, size) as w:
             written = 0
