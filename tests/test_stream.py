@@ -437,3 +437,24 @@ def test_a_writer_is_used_only_from_its_rings_thread(tcp):
     assert caught and w.statistics()["committed"] == 2
     client.shutdown(socket.SHUT_WR)
     assert rx.join() == b"ok"
+
+
+def test_ring_closed_with_notifications_pending_keeps_the_buffer():
+    client, peer = tcp_pair(rcvbuf=4096)  # a tiny window; the sender's buffer queues what cannot leave
+    try:
+        ring = uringsend.Ring(close_timeout=0.3)
+        w = ring.stream(client, MB)
+        w.write(BLOCK[:MB])
+        ring.poll(0)
+        with pytest.warns(ResourceWarning):
+            ring.close()
+        assert ring.statistics()["kept_alive"] > 0
+        assert not w.transfer.settled and w.transfer.pinned and w.transfer in stream._pinned
+        with pytest.raises((TransferCancelled, ValueError)):
+            w.write(b"x")
+        w.close()  # nothing to drive any more; the buffer stays with the kernel's references
+        assert w.closed and w.transfer.pinned
+    finally:
+        client.close()
+        peer.close()
+    stream._pinned.clear()  # this test's pin is meant to stay; let the fixture check the others
