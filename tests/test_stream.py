@@ -458,3 +458,16 @@ def test_ring_closed_with_notifications_pending_keeps_the_buffer():
         client.close()
         peer.close()
     stream._pinned.clear()  # this test's pin is meant to stay; let the fixture check the others
+
+
+@pytest.mark.parametrize("mode", ["zerocopy", "copy"])
+def test_one_write_ten_times_the_buffer(tcp, mode):
+    client, peer = tcp
+    rx = Receiver(peer)
+    data = BLOCK[:10 * 64 * KB + 5]
+    with uringsend.Ring() as ring, ring.stream(client, 64 * KB, mode=mode) as w:
+        assert w.write(data) == len(data)
+        w.flush()
+        assert w.wrapped == 10 and w.released == len(data)
+    client.shutdown(socket.SHUT_WR)
+    assert rx.join() == data

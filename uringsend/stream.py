@@ -122,7 +122,7 @@ class MemoryTransfer(Transfer):
         super().__init__(ring, x, mode, sock_fd, None, nbytes, on_release)
         self._pin = pin
         self._view = view
-        self._wake = None       # StreamWriter: told of every change (release, end)
+        self._wake = None       # AsyncStreamWriter: told of every change (release, end)
 
     @property
     def pinned(self):
@@ -138,8 +138,11 @@ class MemoryTransfer(Transfer):
         super()._released()
         if self._pin is not None and self._x.settled:
             self._unpin()
-        if self._wake is not None:
-            self._wake()
+        wake = self._wake
+        if wake is not None:
+            if self._x.settled:
+                self._wake = None  # the last change: no reference back to the writer is kept
+            wake()
 
     def _unpin(self):
         self._pin.unpin()
@@ -232,7 +235,6 @@ class StreamWriter:
         x = ll.gc(x, ll.xfer_put)
         self._x = x
         self.transfer = _adopt(ring, x, MemoryTransfer(ring, x, name, self.sock_fd, None, None, pin, None))
-        self.transfer._wake = self._changed
 
     # ---- state ---------------------------------------------------------------------------------
     @property
@@ -421,9 +423,6 @@ class StreamWriter:
                 ring.poll(left)
             except InterruptedError:
                 continue
-
-    def _changed(self):
-        """Called by the ring for every change of the stream's transfer (see AsyncStreamWriter)."""
 
 
 # ---- asyncio -----------------------------------------------------------------------------------
