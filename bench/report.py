@@ -237,6 +237,7 @@ def markdown(result):
         notes = {"writer": f"Ring.stream, {size_label(w['buffer'])} registered buffer, write() copies in, "
                            f"SEND_ZC out; released {size_label(w['copied'])} copied, "
                            f"{size_label(w['zerocopy'])} zero-copy; waited {w['waits']} times",
+                 "writer-auto": "the same writer, mode 'auto' (SEND_ZC, then SEND once the kernel reports copying)",
                  "writer-copy": "the same writer, mode 'copy' (SEND from the buffer)",
                  "sendall": "socket.sendall per chunk",
                  "ring-send-copy": "ring.send(chunk, mode='copy'), one at a time"}

@@ -279,7 +279,7 @@ def concurrency(plan, modes, server, workers, files, log):
 MEMORY_CHUNK = 64 << 10          # the application's writes
 MEMORY_BLOCK = 64 << 20          # in-memory data, cycled through: the stream's bytes
 MEMORY_WRITER_BUFFER = 4 << 20   # the stream writer's registered circular buffer
-MEMORY_CONTENDERS = ("writer", "writer-copy", "sendall", "ring-send-copy")
+MEMORY_CONTENDERS = ("writer", "writer-auto", "writer-copy", "sendall", "ring-send-copy")
 
 
 def _memory_chunks(block, size):
@@ -316,8 +316,8 @@ def _memory_serve(name, conn, ring, writers, block, size):
 
 def memory_stream(plan, server, worker, log):
     """In-memory data to a reader in the worker process: Ring.stream's writer (copy into the
-    registered buffer, SEND_ZC from it, wait for every release; and its mode 'copy', SEND from
-    the buffer) vs socket.sendall of the same chunks vs ring.send(mode='copy') per chunk. GB/s at the client and this process's CPU s/GB,
+    registered buffer, SEND_ZC from it, wait for every release; its mode 'auto', which turns to
+    SEND once the kernel reports copying; its mode 'copy', SEND from the buffer) vs socket.sendall of the same chunks vs ring.send(mode='copy') per chunk. GB/s at the client and this process's CPU s/GB,
     contenders alternating in rotated rounds; medians."""
     size = plan.memory_size
     names = list(MEMORY_CONTENDERS)
@@ -327,6 +327,7 @@ def memory_stream(plan, server, worker, log):
     block = memoryview(os.urandom(MEMORY_BLOCK))
     ring = uringsend.Ring()
     writers = {"writer": ring.stream(conns["writer"], MEMORY_WRITER_BUFFER),
+               "writer-auto": ring.stream(conns["writer-auto"], MEMORY_WRITER_BUFFER, mode="auto"),
                "writer-copy": ring.stream(conns["writer-copy"], MEMORY_WRITER_BUFFER, mode="copy")}
     try:
         for rnd in range(plan.memory_reps + 1):  # round 0 warms up

@@ -471,3 +471,24 @@ def test_one_write_ten_times_the_buffer(tcp, mode):
         assert w.wrapped == 10 and w.released == len(data)
     client.shutdown(socket.SHUT_WR)
     assert rx.join() == data
+
+
+def test_auto_writer_sends_with_send_once_the_kernel_reports_copies(tcp):
+    client, peer = tcp
+    rx = HashReader(peer)
+    size = 256 * KB  # sends of at most size / 8
+    total = 16 * MB
+    with uringsend.Ring() as ring, ring.stream(client, size, mode="auto") as w:
+        for rec in records(total, seed=5, largest=60000):
+            w.write(rec)
+        w.flush()
+        notifs = ring.statistics()["notifs"]
+        # loopback copies SEND_ZC data [KF 15]: after 8 notifications saying so, copying sends
+        assert "copied" in w.transfer.fallback
+        assert 8 <= notifs < total // (size // 8) // 4
+        assert w.statistics()["copied"] == total and w.statistics()["zerocopy"] == 0
+    client.shutdown(socket.SHUT_WR)
+    expect = hashlib.sha256()
+    for rec in records(total, seed=5, largest=60000):
+        expect.update(rec)
+    assert rx.join() == (total, expect.hexdigest())

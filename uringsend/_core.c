@@ -58,6 +58,7 @@
 #define PAGE 4096
 #define STREAM_SLOTS 64        /* the last slots of the registered buffer table: stream buffers */
 #define BUF_TABLE 1024         /* table size when a stream registers it before the pool */
+#define COPIED_RUN 8           /* US_MODE_AUTO: copied notifications in a row before copying sends */
 
 enum role { R_NONE, R_INSTALL, R_UNSLOT, R_POLL, R_HEADER, R_FILL, R_SEND, R_CANCEL, R_RAW, R_TEE };
 enum op_state { OP_FREE, OP_RESULT, OP_NOTIF };
@@ -131,6 +132,8 @@ struct xfer {
     uint64_t wrap;           /* us_stream: the circular buffer's size (offsets wrap); 0 flat */
     uint16_t buf_index;      /* us_stream: its registered buffer slot */
     uint8_t open;            /* us_stream: more bytes may be committed; pos == end is not the end */
+    uint8_t copy_when_copied; /* US_MODE_AUTO: switch to SEND after COPIED_RUN copied notifications */
+    uint8_t copied_run;
     struct mem_range *stash; /* released ranges that arrived ahead of released_upto */
     unsigned nstash, cap_stash;
 };
@@ -602,6 +605,22 @@ static void mem_released(struct xfer *x, int64_t offset, uint32_t n, int copied)
         } else {
             k++;
         }
+    }
+}
+
+/* US_MODE_AUTO: a SEND_ZC the kernel copied anyway costs more than a SEND; once the notifications
+ * say so COPIED_RUN times in a row (loopback and veth always copy [KF 15]), send with SEND. */
+static void mem_notified(struct xfer *x, int copied)
+{
+    if (!x->copy_when_copied || !x->zc)
+        return;
+    if (copied != 1) {
+        x->copied_run = 0;
+        return;
+    }
+    if (++x->copied_run >= COPIED_RUN) {
+        x->zc = 0;
+        x->pub.fallback = US_FALLBACK_COPIED;
     }
 }
 
@@ -1246,8 +1265,11 @@ static void on_notif(struct us_core *c, uint32_t i, int32_t res)
         if (op->res > 0)  /* a send that moved nothing reads "copied" too: not counted */
             copied ? c->st.copied++ : c->st.zerocopy++;
     }
-    if (x && op->res > 0)
+    if (x && op->res > 0) {
+        if (x->mem)
+            mem_notified(x, copied);
         event(c, x, US_RELEASED, op->role == R_SEND ? op->offset : -1, (uint32_t)op->res, copied);
+    }
     op_over(c, i);
 }
 
@@ -1748,7 +1770,8 @@ static struct xfer *mem_xfer_new(struct us_core *c, int mode, uint64_t addr, uin
     x->header = (uint8_t *)(x + 1);
     x->sock = x->file = -1;
     x->mem = (uint8_t *)(uintptr_t)addr;
-    x->zc = mode == US_MODE_MMAP;
+    x->zc = mode == US_MODE_MMAP || mode == US_MODE_AUTO;
+    x->copy_when_copied = mode == US_MODE_AUTO;
     x->chunk = x->zc ? c->chunk_size : c->copy_chunk_size;
     x->window = WINDOW;
     return x;

@@ -15,6 +15,7 @@
 #define US_MODE_ZEROCOPY 2
 #define US_MODE_MMAP 3
 #define US_MODE_COPY 4
+#define US_MODE_AUTO 5       /* memory sources: SEND_ZC until the kernel reports copying, then SEND */
 
 /* Event kinds of a transfer's timeline. */
 #define US_SENT 1
@@ -30,6 +31,7 @@
 
 /* Why a transfer sends differently from what it was asked (us_xfer.fallback). */
 #define US_FALLBACK_NO_SEND_ZC 1  /* SEND_ZC answered EOPNOTSUPP (AF_UNIX): copying sends */
+#define US_FALLBACK_COPIED 2      /* US_MODE_AUTO: the kernel copied SEND_ZC data: copying sends */
 
 /* Why us_start refused (us_core_start_error); errno says the rest. */
 #define US_START_CLOSED 1

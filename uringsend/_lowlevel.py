@@ -258,3 +258,5 @@ stream_commit = lib.us_stream_commit
 stream_end = lib.us_stream_end
 START_CLOSED, START_NO_SLOT, START_REGISTER = lib.US_START_CLOSED, lib.US_START_NO_SLOT, lib.US_START_REGISTER
 MODE_SEND_ZC, MODE_SEND = lib.US_MODE_MMAP, lib.US_MODE_COPY  # SEND_ZC / SEND from memory
+MODE_SEND_ZC_UNLESS_COPIED = lib.US_MODE_AUTO  # SEND_ZC until the kernel reports copying, then SEND
+FALLBACK_COPIED = lib.US_FALLBACK_COPIED

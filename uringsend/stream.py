@@ -33,6 +33,8 @@ from .transfer import Transfer
 
 SEND_MODES = {"auto": "copy", "zerocopy": "zerocopy", "copy": "copy"}
 _CODES = {"zerocopy": ll.MODE_SEND_ZC, "copy": ll.MODE_SEND}
+# the writer's modes; 'auto': SEND_ZC until the notifications say the kernel copies anyway
+_STREAM_CODES = {**_CODES, "auto": ll.MODE_SEND_ZC_UNLESS_COPIED}
 _WAIT_SLICE = 0.25
 # Transfers from memory not settled yet, with their pins: kept here (not by the ring, which drops
 # its handles when it closes) so that no pin goes while the kernel may read the memory.
@@ -130,6 +132,13 @@ class MemoryTransfer(Transfer):
         return self._pin is not None
 
     @property
+    def fallback(self):
+        if self._x.fallback == ll.FALLBACK_COPIED:
+            return ("the kernel copied the SEND_ZC data (its notifications said so 8 times in a row): "
+                    "copying sends cost less")
+        return super().fallback
+
+    @property
     def released_upto(self):
         """Every byte below this offset has been released by the kernel."""
         return self._x.released_upto
@@ -214,7 +223,7 @@ class StreamWriter:
                 or size % ll.PAGE:
             raise ValueError(f"size must be an int in {ll.PAGE}..2**30 and a multiple of {ll.PAGE}, "
                              f"not {size!r}")
-        name = _mode(mode, {"zerocopy": "zerocopy", "copy": "copy"})
+        name = _mode(mode, {name: name for name in _STREAM_CODES})
         self.ring = ring
         self.size = size
         self._owner = threading.get_ident()  # the ring's thread (Ring.stream checked it)
@@ -227,7 +236,7 @@ class StreamWriter:
         self._buffer = mmap.mmap(-1, size)
         pin = ll.Pinned(self._buffer)
         core = ring._core
-        x = ll.stream_open(core.ptr, _CODES[name], self.sock_fd, pin.address, size, 0)
+        x = ll.stream_open(core.ptr, _STREAM_CODES[name], self.sock_fd, pin.address, size, 0)
         if x == ll.NULL:
             pin.unpin()
             self._buffer.close()
