@@ -292,7 +292,7 @@ def test_bad_arguments_are_refused(tcp, tmp_path):
             with pytest.raises(ValueError, match="size"):
                 ring.stream(client, size)
         with pytest.raises(ValueError, match="mode"):
-            ring.stream(client, 4096, mode="auto")
+            ring.stream(client, 4096, mode="splice")
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             with pytest.raises(ValueError, match="SOCK_DGRAM"):
                 ring.stream(udp, 4096)
