@@ -197,7 +197,8 @@ int us_run(struct us_core *c, unsigned wait_nr, int64_t timeout_ns, int ack);
  * us_stream: an open transfer from a circular buffer of size bytes at addr, registered by the core
  * in a slot of its buffer table (and unregistered when the transfer settles); us_stream_commit
  * makes the next n bytes of the stream (at stream offset modulo size) sendable, us_stream_end
- * lets the transfer finish once they are sent. mode: US_MODE_MMAP (SEND_ZC) or US_MODE_COPY. */
+ * lets the transfer finish once they are sent. mode: US_MODE_MMAP (SEND_ZC), US_MODE_COPY (SEND),
+ * or, for us_stream, US_MODE_AUTO. */
 struct us_xfer *us_send(struct us_core *c, int mode, int sock_fd, uint64_t addr, uint64_t len, int notify);
 struct us_xfer *us_stream(struct us_core *c, int mode, int sock_fd, uint64_t addr, uint64_t size, int notify);
 int us_stream_commit(struct us_core *c, struct us_xfer *x, uint64_t n);

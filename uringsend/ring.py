@@ -468,7 +468,9 @@ class Ring:
         return send(self, sock, data, mode=mode, on_release=on_release)
 
     def stream(self, sock, size=1 << 20, *, mode="zerocopy"):
-        """A ``StreamWriter`` to ``sock`` on a registered circular buffer of ``size`` bytes."""
+        """A ``StreamWriter`` to ``sock`` on a registered circular buffer of ``size`` bytes, sent
+        with SEND_ZC ('zerocopy'), SEND ('copy'), or SEND_ZC until the kernel reports that it
+        copies anyway ('auto'). See docs/streams.md."""
         from .stream import StreamWriter
         self._check_owner()
         return StreamWriter(self, sock, size, mode=mode)
