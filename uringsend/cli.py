@@ -238,8 +238,8 @@ def show_tee(r, out):
 def show_stream(r, out):
     out.title("stream: generated records through Ring.stream's registered circular buffer -> loopback TCP")
     out.para("one line each time the write position comes back to the buffer's start: the lap just written, "
-             "region by region (F: in flight, the kernel may still read it; R: released, free to reuse); "
-             "a region is handed out again only after its release")
+             "region by region (F: in flight, the kernel may still read it; R: released, free to reuse), and "
+             "how many reserves of that lap reused places of the lap before, each only after its release")
     for run in r["runs"]:
         reader = "slow reader (small socket buffers)" if run["slow_reader"] else "fast reader"
         out.line()
@@ -247,7 +247,8 @@ def show_stream(r, out):
         for ln in run["lines"]:
             out.line(f"    lap {ln['lap']:3d} at {human(ln['committed']):>9}  [{ln['regions']}]  in flight "
                      f"{human(ln['in_flight']):>9}  released {human(ln['released']):>9} (copied "
-                     f"{human(ln['copied'])}, zero-copy {human(ln['zerocopy'])})  waits {ln['waits']}")
+                     f"{human(ln['copied'])}, zero-copy {human(ln['zerocopy'])})  reused {ln['reused']:3d} after release"
+                     f"  waits {ln['waits']}")
         out.line(f"    {run['reuses']} reserves reused bytes of an earlier lap, {run['early_reuses']} before "
                  f"their release; the writer waited {plural(run['waits'], 'time')} for the kernel")
     out.para("'copied': on loopback the kernel copies SEND_ZC data and says so in the notification; a NIC "

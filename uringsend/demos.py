@@ -424,7 +424,7 @@ def _records(total, seed):
         n += 1
 
 
-def _stream_line(w, lap, copied, zerocopy):
+def _stream_line(w, lap, copied, zerocopy, reused):
     """The buffer when the write position comes back to its start: region by region, whether the
     lap just written is still in flight (F: the kernel may read it) or released (R: free to reuse)."""
     size, released = w.size, w.released
@@ -433,7 +433,7 @@ def _stream_line(w, lap, copied, zerocopy):
         "R" if released >= start + (r + 1) * size // STREAM_REGIONS else "F" for r in range(STREAM_REGIONS))
     return {"lap": lap, "committed": w.committed, "regions": regions, "in_flight": w.committed - released,
             "released": released, "copied": copied, "zerocopy": zerocopy, "waits": w.waits,
-            "reused": lap > 1}
+            "reused": reused}
 
 
 def _stream_run(size, total, slow, timeout, progress):
@@ -442,6 +442,7 @@ def _stream_run(size, total, slow, timeout, progress):
     lines = []
     early = 0    # a region handed out while bytes of its previous lap were unreleased (must stay 0)
     reuses = 0   # reserves that landed on bytes of an earlier lap
+    lap_reuses = 0
     expect = bytearray()
     with loopback(**pace) as link, Ring() as ring:
         w = ring.stream(link.client, size)
@@ -453,13 +454,15 @@ def _stream_run(size, total, slow, timeout, progress):
                 k = len(view)
                 if w.committed + k > size:  # this place held bytes of the previous lap
                     reuses += 1
+                    lap_reuses += 1
                     early += w.released < w.committed + k - size
                 view[:] = rec[done:done + k]
                 w.commit(k)
                 done += k
                 if w.committed % size == 0:
                     st = w.statistics()
-                    lines.append(_stream_line(w, w.committed // size, st["copied"], st["zerocopy"]))
+                    lines.append(_stream_line(w, w.committed // size, st["copied"], st["zerocopy"], lap_reuses))
+                    lap_reuses = 0
                     if progress is not None:
                         progress(f"stream: size {size}: lap {lines[-1]['lap']} [{lines[-1]['regions']}]")
         w.close(timeout)
