@@ -492,3 +492,95 @@ def test_auto_writer_sends_with_send_once_the_kernel_reports_copies(tcp):
     for rec in records(total, seed=5, largest=60000):
         expect.update(rec)
     assert rx.join() == (total, expect.hexdigest())
+
+
+# ---- randomized sessions: writes, reserves, partial commits, flushes, resets ------------------------
+class PrefixReader:
+    """Reads to EOF in pieces of random size; with ``reset_after``, closes with an RST (unread data
+    left) once it has read that many bytes."""
+
+    def __init__(self, sock, rng, reset_after=None):
+        self.sock, self.rng, self.reset_after = sock, rng, reset_after
+        self.data = bytearray()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            while chunk := self.sock.recv(self.rng.choice((1, 100, 4096, 65536, 1 << 20))):
+                self.data += chunk
+                if self.reset_after is not None and len(self.data) >= self.reset_after:
+                    peer_reset(self.sock)
+                    return
+        except OSError:
+            pass
+
+    def join(self):
+        self.thread.join(60)
+        assert not self.thread.is_alive()
+        return bytes(self.data)
+
+
+def _check_invariants(w):
+    assert 0 <= w.released <= w.sent <= w.committed
+    assert w.committed - w.released <= w.size  # nothing handed out before its release
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_randomized_writer_sessions(seed):
+    rng = random.Random(seed)
+    mode = rng.choice(["zerocopy", "copy", "auto"])
+    size = rng.choice([4096, 8192, 65536, 262144])
+    total = rng.randint(0, 3 * MB)
+    reset_after = rng.randint(0, total) if total and rng.random() < 0.3 else None
+    client, peer = tcp_pair()
+    rx = PrefixReader(peer, random.Random(seed + 1000), reset_after)
+    expect = bytearray()
+    pending = b""
+    try:
+        with uringsend.Ring() as ring:
+            w = ring.stream(client, size, mode=mode)
+            try:
+                while len(expect) < total:
+                    step = rng.random()
+                    n = rng.randint(1, min(2 * size, total - len(expect)))
+                    at = rng.randint(0, len(BLOCK) - n)
+                    if step < 0.5:
+                        pending = BLOCK[at:at + n]  # write() may commit part of it, then fail
+                        w.write(pending, timeout=30)
+                        expect += pending
+                        pending = b""
+                    elif step < 0.85:
+                        view = w.reserve(min(n, size), timeout=30)
+                        k = rng.randint(0, len(view))
+                        view[:] = BLOCK[at:at + len(view)]
+                        w.commit(k)
+                        expect += BLOCK[at:at + k]
+                    elif step < 0.95:
+                        w.flush(30)
+                        assert w.released == w.committed
+                    else:
+                        ring.poll(0)
+                    _check_invariants(w)
+                w.close(30)
+            except (ConnectionResetError, BrokenPipeError) as exc:
+                assert reset_after is not None, exc
+                expect += pending[:w.committed - len(expect)]
+                if not w.closed:  # close() raises the stream's error too (once: then it is closed)
+                    with pytest.raises(type(exc)):
+                        w.close(30)
+                w.close()
+            _check_invariants(w)
+            assert w.committed == len(expect)
+            assert w.closed and w.transfer.settled and not w.transfer.pinned
+            assert ring.statistics()["transfers_active"] == 0
+        if reset_after is None:
+            client.shutdown(socket.SHUT_WR)
+        got = rx.join()  # with a reset, the writer may have finished before it reached the socket
+        if reset_after is None:
+            assert got == expect
+        else:
+            assert got == expect[:len(got)]  # a prefix, in order, with nothing overwritten
+    finally:
+        client.close()
+        peer.close()
