@@ -584,3 +584,17 @@ def test_randomized_writer_sessions(seed):
     finally:
         client.close()
         peer.close()
+
+
+def test_commit_of_a_view_something_still_exports(tcp):
+    client, peer = tcp
+    rx = Receiver(peer)
+    with uringsend.Ring() as ring, ring.stream(client, 4096) as w:
+        view = w.reserve(5)
+        inner = memoryview(view)  # an export of the view: it cannot be released at commit
+        inner[:] = b"hello"
+        w.commit(5)
+        w.flush()
+        inner.release()
+    client.shutdown(socket.SHUT_WR)
+    assert rx.join() == b"hello"

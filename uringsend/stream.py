@@ -288,7 +288,7 @@ class StreamWriter:
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= self.size:
             raise ValueError(f"reserve: n must be an int in 1..{self.size} (the buffer size), not {n!r}")
         if self._view is not None:
-            self._view.release()
+            _let_go(self._view)  # reserving again drops the reservation not committed
         x = self._x
         at = x.end % self.size
         n = min(n, self.size - at)
@@ -307,7 +307,7 @@ class StreamWriter:
         if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= len(view):
             raise ValueError(f"commit: n must be an int in 0..{len(view)} (the reserved view), not {n!r}")
         self._view = None
-        view.release()
+        _let_go(view)
         if not n:
             return
         if threading.get_ident() != self._owner:
@@ -328,7 +328,9 @@ class StreamWriter:
 
     def write(self, data, timeout=None):
         """Copy ``data`` into the buffer and send it, waiting for released space as needed
-        (``timeout`` bounds each wait). Returns the number of bytes written."""
+        (``timeout`` bounds each wait). Returns the number of bytes written. A write that fails
+        (TimeoutError, the stream's error) may have committed a first part: ``committed`` says
+        how far the stream got."""
         self._check_open()
         view = byte_view(data, "write")
         with view:
@@ -383,7 +385,7 @@ class StreamWriter:
         True when the ring is open to drive it to its end."""
         self._closed = True
         if self._view is not None:
-            self._view.release()
+            _let_go(self._view)
             self._view = None
         ring, x = self.ring, self._x
         if ring.closed:
@@ -432,6 +434,16 @@ class StreamWriter:
                 ring.poll(left)
             except InterruptedError:
                 continue
+
+
+def _let_go(view):
+    """Release a reserved view, so that it cannot change bytes in flight. A view something else
+    still exports (``memoryview(view)``, numpy) cannot be released: it stays usable, and what is
+    written through it before the release changes what the peer may get."""
+    try:
+        view.release()
+    except BufferError:
+        pass
 
 
 # ---- asyncio -----------------------------------------------------------------------------------
