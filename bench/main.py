@@ -34,6 +34,8 @@ class Plan:
     concurrency_size: int
     concurrency_warmup: float
     concurrency_duration: float
+    memory_size: int = 1 << 30
+    memory_reps: int = 5
     requests_override: int = None
 
     def requests(self, size):
@@ -50,13 +52,16 @@ PRESETS = {
     # 2000+ samples beyond warm-up for the small sizes: p99 rests on 50 samples, p99.9 on 5
     "full": dict(counts={64 * KiB: 5000, 1 * MiB: 1000, ANY: 200}, rounds=5, stream_size=256 * MiB,
                  stream_reps=9, cost_reps=4, cost_transfer_seconds=30.0, clients=[1, 16, 64],
-                 concurrency_size=64 * KiB, concurrency_warmup=0.5, concurrency_duration=3.0),
+                 concurrency_size=64 * KiB, concurrency_warmup=0.5, concurrency_duration=3.0,
+                 memory_size=1 << 30, memory_reps=5),
     "quick": dict(counts={64 * KiB: 600, 1 * MiB: 150, ANY: 24}, rounds=2, stream_size=256 * MiB,
                   stream_reps=2, cost_reps=2, cost_transfer_seconds=6.0, clients=[1, 16, 64],
-                  concurrency_size=64 * KiB, concurrency_warmup=0.2, concurrency_duration=0.6),
+                  concurrency_size=64 * KiB, concurrency_warmup=0.2, concurrency_duration=0.6,
+                  memory_size=256 * MiB, memory_reps=3),
     "tiny": dict(counts={64 * KiB: 60, 1 * MiB: 20, ANY: 4}, rounds=1, stream_size=32 * MiB,
                  stream_reps=1, cost_reps=1, cost_transfer_seconds=1.0, clients=[1, 16, 64],
-                 concurrency_size=64 * KiB, concurrency_warmup=0.05, concurrency_duration=0.15),
+                 concurrency_size=64 * KiB, concurrency_warmup=0.05, concurrency_duration=0.15,
+                 memory_size=16 * MiB, memory_reps=1),
 }
 
 
@@ -137,6 +142,7 @@ def main(argv=None):
             workers[0].call("close", name)
             conns[name].close()
         result["concurrency"] = sections.concurrency(plan, measure.URING_MODES, server, workers, files, log)
+        result["memory_stream"] = sections.memory_stream(plan, server, workers[0], log)
     finally:
         for sender in contenders.values():
             sender.close()

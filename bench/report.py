@@ -123,6 +123,13 @@ def targets(result):
     out.append(_target(f"peak RSS growth while sending {moved} <= 16 MiB (every uringsend mode)", growth <= 16,
                        f"worst {worst}: {growth:.1f} MiB (anonymous {cost[worst]['rss_anon_peak_growth_mib']:.1f}, "
                        f"file and shmem pages mapped {cost[worst]['rss_file_peak_growth_mib']:.1f})", round(growth / 16, 3)))
+    mem = result.get("memory_stream")
+    if mem:
+        r = mem["writer"]["ratio_gbps_vs_sendall"]
+        out.append(_target(f"{size_label(mem['writer']['bytes'])} from memory: stream writer (release accounting "
+                           "on) >= 0.9x socket.sendall's GB/s", r >= 0.9,
+                           f"{mem['writer']['gbps']:.2f} vs {mem['sendall']['gbps']:.2f} GB/s ({r:.2f}x); CPU "
+                           f"{mem['writer']['cpu_s_per_gb']:.3f} vs {mem['sendall']['cpu_s_per_gb']:.3f} s/GB", r))
     leaks = {m: cost[m]["fds_after"] - cost[m]["fds_before"] for m in uring}
     run = result["fds"]["end"] - result["fds"]["start"]
     worst = max(leaks, key=leaks.get)
@@ -215,6 +222,28 @@ def markdown(result):
             lines.append(f"| {n} | {name} | {row['gbps']:.2f} | {row['requests_per_s']} | {_f(row.get('p50_us'))} | "
                          f"{_f(row.get('p99_us'))} | {_x(row['ratio_throughput_vs_splice'])} | "
                          f"{_x(row['ratio_p99_vs_splice'])} | {_f(row['cpu_s_per_gb'], 3)} | {_zc(row)} |")
+    mem = result.get("memory_stream")
+    if mem:
+        w = mem["writer"]
+        lines += [
+            "",
+            f"### Streaming from memory: {size_label(w['bytes'])} of in-memory data in {size_label(w['chunk'])} "
+            f"writes per request (median of {w['reps']} alternating rounds); every byte released before the "
+            "next request",
+            "",
+            "| sender | GB/s | vs sendall | sender CPU s/GB | CPU vs sendall | notes |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
+        notes = {"writer": f"Ring.stream, {size_label(w['buffer'])} registered buffer, write() copies in, "
+                           f"SEND_ZC out; released {size_label(w['copied'])} copied, "
+                           f"{size_label(w['zerocopy'])} zero-copy; waited {w['waits']} times",
+                 "writer-auto": "the same writer, mode 'auto' (SEND_ZC, then SEND once the kernel reports copying)",
+                 "writer-copy": "the same writer, mode 'copy' (SEND from the buffer)",
+                 "sendall": "socket.sendall per chunk",
+                 "ring-send-copy": "ring.send(chunk, mode='copy'), one at a time"}
+        for name, row in mem.items():
+            lines.append(f"| {name} | {row['gbps']:.2f} | {_x(row['ratio_gbps_vs_sendall'])} | "
+                         f"{row['cpu_s_per_gb']:.3f} | {_x(row['ratio_cpu_vs_sendall'])} | {notes.get(name, '')} |")
     best = result["fastest"]
     lines += ["", "### Fastest uringsend mode (lowest p50; 'auto' excluded, it is what this decides)", "",
               "| size | any mode | stable mode |", "|---|---|---|"]

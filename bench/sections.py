@@ -273,3 +273,91 @@ def concurrency(plan, modes, server, workers, files, log):
             out[str(n)][name] = row
         log(f"concurrency {n} clients done")
     return out
+
+
+# ---- streaming from memory -----------------------------------------------------------------------
+MEMORY_CHUNK = 64 << 10          # the application's writes
+MEMORY_BLOCK = 64 << 20          # in-memory data, cycled through: the stream's bytes
+MEMORY_WRITER_BUFFER = 4 << 20   # the stream writer's registered circular buffer
+MEMORY_CONTENDERS = ("writer", "writer-auto", "writer-copy", "sendall", "ring-send-copy")
+
+
+def _memory_chunks(block, size):
+    left = size
+    at = 0
+    while left:
+        n = min(MEMORY_CHUNK, left)
+        if at + n > MEMORY_BLOCK:
+            at = 0
+        yield block[at:at + n]
+        at += n
+        left -= n
+
+
+def _memory_serve(name, conn, ring, writers, block, size):
+    """One request: ``size`` bytes of in-memory data in MEMORY_CHUNK writes, every byte released
+    (for the writer: flushed, i.e. every SEND_ZC notification in) before the next request."""
+    if conn.recv(1) != measure.REQUEST:
+        raise ConnectionError("the client went away mid-run")
+    if name in writers:
+        writer = writers[name]
+        for chunk in _memory_chunks(block, size):
+            writer.write(chunk)
+        writer.flush()
+    elif name == "sendall":
+        for chunk in _memory_chunks(block, size):
+            conn.sendall(chunk)
+    else:
+        for chunk in _memory_chunks(block, size):
+            ring.send(conn, chunk, mode="copy").result()  # one at a time: sends on a socket keep order
+    if conn.recv(1) != measure.END:
+        raise ConnectionError("the client did not end its batch")
+
+
+def memory_stream(plan, server, worker, log):
+    """In-memory data to a reader in the worker process: Ring.stream's writer (copy into the
+    registered buffer, SEND_ZC from it, wait for every release; its mode 'auto', which turns to
+    SEND once the kernel reports copying; its mode 'copy', SEND from the buffer) vs socket.sendall of the same chunks vs ring.send(mode='copy') per chunk. GB/s at the client and this process's CPU s/GB,
+    contenders alternating in rotated rounds; medians."""
+    size = plan.memory_size
+    names = list(MEMORY_CONTENDERS)
+    conns = {name: server.connect(worker, f"memory-{name}", 1)[0] for name in names}
+    rates = {name: [] for name in names}
+    cpus = {name: [] for name in names}
+    block = memoryview(os.urandom(MEMORY_BLOCK))
+    ring = uringsend.Ring()
+    writers = {"writer": ring.stream(conns["writer"], MEMORY_WRITER_BUFFER),
+               "writer-auto": ring.stream(conns["writer-auto"], MEMORY_WRITER_BUFFER, mode="auto"),
+               "writer-copy": ring.stream(conns["writer-copy"], MEMORY_WRITER_BUFFER, mode="copy")}
+    try:
+        for rnd in range(plan.memory_reps + 1):  # round 0 warms up
+            for name in measure.rotated(names, rnd):
+                worker.start("stream", f"memory-{name}", size, 1)
+                cpu0 = _cpu()
+                _memory_serve(name, conns[name], ring, writers, block, size)
+                cpu1 = _cpu()
+                t = worker.result()[0]
+                if rnd:
+                    rates[name].append(size / t)
+                    cpus[name].append((cpu1 - cpu0) / (size / 1e9))
+        stats = writers["writer"].statistics()
+        for writer in writers.values():
+            writer.close()
+    finally:
+        ring.close()
+        for name in names:
+            worker.call("close", f"memory-{name}")
+            conns[name].close()
+    log("memory streaming done")
+    out = {}
+    for name in names:
+        out[name] = {"bytes": size, "chunk": MEMORY_CHUNK, "reps": len(rates[name]),
+                     "gbps": round(sorted(rates[name])[len(rates[name]) // 2], 3),
+                     "cpu_s_per_gb": round(sorted(cpus[name])[len(cpus[name]) // 2], 3),
+                     "gbps_all": [round(r, 3) for r in rates[name]]}
+    out["writer"].update({"buffer": MEMORY_WRITER_BUFFER, "copied": stats["copied"],
+                          "zerocopy": stats["zerocopy"], "waits": stats["waits"]})
+    for name in names:
+        out[name]["ratio_gbps_vs_sendall"] = round(out[name]["gbps"] / out["sendall"]["gbps"], 3)
+        out[name]["ratio_cpu_vs_sendall"] = round(out[name]["cpu_s_per_gb"] / out["sendall"]["cpu_s_per_gb"], 3)
+    return out

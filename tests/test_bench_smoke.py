@@ -96,8 +96,8 @@ def test_cost_per_transfer_section(tiny):
 def test_targets_machine_and_files(tiny):
     out, proc, result = tiny
     names = [t["target"] for t in result["targets"]]
-    assert len(names) == 10
-    for words in ("best stable mode >= 0.6x", "best mode >= 1.0x", "64 KiB latency: best stable mode p50 and p99 <= 1.1x",
+    assert len(names) == 11
+    for words in ("from memory: stream writer", "best stable mode >= 0.6x", "best mode >= 1.0x", "64 KiB latency: best stable mode p50 and p99 <= 1.1x",
                   "4 KiB cost per transfer: copy <= 1.0x blocking splice", "copy <= 1.2x os.sendfile",
                   "uringsend.sendfile() <= 1.3x os.sendfile", "requests/s"):
         assert any(words in n for n in names), words

@@ -101,7 +101,7 @@ def test_tee_every_peer_gets_the_file():
 
 def test_demo_with_no_name_runs_them_all():
     proc = run("demo")
-    assert "all 4 demos passed their checks" in proc.stdout
+    assert "all 5 demos passed their checks" in proc.stdout
     assert "\x1b[" not in proc.stdout and proc.stderr == ""
 
 

@@ -56,6 +56,9 @@
 #define EVENTS_INLINE 4
 #define CHANGES_MAX 256
 #define PAGE 4096
+#define STREAM_SLOTS 64        /* the last slots of the registered buffer table: stream buffers */
+#define BUF_TABLE 1024         /* table size when a stream registers it before the pool */
+#define COPIED_RUN 8           /* US_MODE_AUTO: copied notifications in a row before copying sends */
 
 enum role { R_NONE, R_INSTALL, R_UNSLOT, R_POLL, R_HEADER, R_FILL, R_SEND, R_CANCEL, R_RAW, R_TEE, R_TRAILER };
 enum op_state { OP_FREE, OP_RESULT, OP_NOTIF };
@@ -125,6 +128,19 @@ struct xfer {
     uint32_t change_bits;
     struct xfer *next_ready, *next_wait, *next_change, *prev_active, *next_active;
     struct tee *tee;         /* a destination of ring.tee(): the group runs the chains */
+    /* Memory source (us_send, us_stream): the caller's memory, pinned by Python until settled. */
+    uint8_t *mem;
+    uint64_t wrap;           /* us_stream: the circular buffer's size (offsets wrap); 0 flat */
+    uint16_t buf_index;      /* us_stream: its registered buffer slot */
+    uint8_t open;            /* us_stream: more bytes may be committed; pos == end is not the end */
+    uint8_t copy_when_copied; /* US_MODE_AUTO: switch to SEND after COPIED_RUN copied notifications */
+    uint8_t copied_run;
+    struct mem_range *stash; /* released ranges that arrived ahead of released_upto */
+    unsigned nstash, cap_stash;
+};
+
+struct mem_range {
+    uint64_t offset, len;
 };
 
 /* One file to n sockets (us_tee): the page cache is read once per chunk into the source pipe,
@@ -175,6 +191,8 @@ struct us_core {
     struct pipe *idle_pipes;
     uint32_t pipe_size, max_idle_pipes;
     struct pool pool;
+    unsigned buf_table;      /* slots of the registered buffer table (sparse); 0 none */
+    uint64_t stream_slots;   /* bit i: slot buf_table - STREAM_SLOTS + i holds a stream buffer */
     uint32_t chunk_size, copy_chunk_size;
     uint64_t zc_budget;
     struct us_map **maps;    /* the mapping cache: one mapping per file, shared by its transfers */
@@ -310,6 +328,10 @@ static void change(struct us_core *c, struct xfer *x, uint32_t bits)
 {
     if (!x->pub.notify)
         return;
+    /* A memory transfer's Python handle hears of releases only: its end (done, settled) is one
+     * too, since it is what lets the caller's buffer go. */
+    if (x->mem && (bits & (US_CH_DONE | US_CH_SETTLED)))
+        bits |= US_CH_RELEASED;
     x->change_bits |= bits;
     if (x->in_changes)
         return;
@@ -322,11 +344,22 @@ static void change(struct us_core *c, struct xfer *x, uint32_t bits)
     c->change_tail = x;
 }
 
+static void mem_released(struct xfer *x, int64_t offset, uint32_t n, int copied);
+
 static void event(struct us_core *c, struct xfer *x, uint8_t kind, int64_t offset, uint32_t n, int copied)
 {
     struct us_event *ev;
     if (kind == US_RELEASED && offset >= 0)
         x->pub.released += n;  /* counted even if the timeline below cannot grow */
+    if (x->mem && kind == US_RELEASED)
+        mem_released(x, offset, n, copied);
+    if (x->wrap) {  /* a stream keeps counters, not a timeline that grows as long as it lives */
+        if (kind == US_RELEASED) {
+            x->pub.released_ns = c->now;
+            change(c, x, US_CH_RELEASED);
+        }
+        return;
+    }
     if (x->pub.nevents == x->cap_events) {
         uint32_t cap = x->cap_events * 2;
         struct us_event *grown;
@@ -358,6 +391,7 @@ static void xfer_free(struct xfer *x)
 {
     if (x->pub.events != x->inline_events)
         free(x->pub.events);
+    free(x->stash);
     free(x);
 }
 
@@ -543,6 +577,129 @@ static uint64_t extra_sent(struct xfer *x) { return x->pub.header_sent + x->pub.
 static void finish(struct us_core *c, struct xfer *x);
 static void maybe_settle(struct us_core *c, struct xfer *x);
 
+/* ---- memory sources ------------------------------------------------------------------------- */
+
+/* Advance released_upto over the contiguous released prefix. Notifications may arrive out of
+ * order [KF 13]: a range ahead of the prefix waits in the stash until the gap is filled. */
+static void mem_released(struct xfer *x, int64_t offset, uint32_t n, int copied)
+{
+    unsigned k;
+    if (copied > 0)
+        x->pub.copied_bytes += n;
+    else if (copied == 0)
+        x->pub.zerocopy_bytes += n;
+    if ((uint64_t)offset != x->pub.released_upto) {
+        if (x->nstash == x->cap_stash) {
+            unsigned cap = x->cap_stash ? x->cap_stash * 2 : 8;
+            struct mem_range *grown = realloc(x->stash, cap * sizeof(*grown));
+            if (!grown)
+                return;  /* out of memory: released_upto stops short, never runs ahead */
+            x->stash = grown;
+            x->cap_stash = cap;
+        }
+        x->stash[x->nstash].offset = (uint64_t)offset;
+        x->stash[x->nstash++].len = n;
+        return;
+    }
+    x->pub.released_upto += n;
+    for (k = 0; k < x->nstash;) {
+        if (x->stash[k].offset == x->pub.released_upto) {
+            x->pub.released_upto += x->stash[k].len;
+            x->stash[k] = x->stash[--x->nstash];
+            k = 0;
+        } else {
+            k++;
+        }
+    }
+}
+
+/* US_MODE_AUTO: a SEND_ZC the kernel copied anyway costs more than a SEND; once the notifications
+ * say so COPIED_RUN times in a row (loopback and veth always copy [KF 15]), send with SEND. */
+static void mem_notified(struct xfer *x, int copied)
+{
+    if (!x->copy_when_copied || !x->zc)
+        return;
+    if (copied != 1) {
+        x->copied_run = 0;
+        return;
+    }
+    if (++x->copied_run >= COPIED_RUN) {
+        x->zc = 0;
+        x->pub.fallback = US_FALLBACK_COPIED;
+    }
+}
+
+/* Prepare one chunk of a memory source at pos: SEND_ZC (from the registered stream buffer, or
+ * from the caller's memory within the zero-copy budget) or SEND. A stream's chunk stops at the
+ * end of its buffer. Returns the chunk's length, 0 when starved for budget. */
+static uint32_t mem_chunk(struct us_core *c, struct xfer *x, int64_t pos, int64_t end)
+{
+    uint64_t at = x->wrap ? (uint64_t)pos % x->wrap : (uint64_t)pos;
+    uint8_t *addr = x->mem + at;
+    uint32_t n = x->chunk, i;
+    struct io_uring_sqe *sqe;
+    if ((int64_t)n > end - pos)
+        n = (uint32_t)(end - pos);
+    if (x->wrap && n > x->wrap - at)
+        n = (uint32_t)(x->wrap - at);
+    if (x->zc && !x->wrap) {  /* unregistered pages count against RLIMIT_MEMLOCK [KF 16] */
+        uint64_t charge = zc_charge(n);
+        if (c->st.zc_bytes_unreleased && c->st.zc_bytes_unreleased + charge > c->zc_budget) {
+            wait_for(c, x, W_BUDGET);
+            return 0;
+        }
+        c->st.zc_bytes_unreleased += charge;
+    }
+    i = op_new(c, x, x->zc ? IORING_OP_SEND_ZC : IORING_OP_SEND, R_SEND);
+    sqe = sqe_for(c, x, i, 1);
+    if (x->zc && x->wrap) {
+        io_uring_prep_send_zc_fixed(sqe, x->sock, addr, n, SEND_FLAGS, IORING_SEND_ZC_REPORT_USAGE,
+                                    x->buf_index);
+        c->ops[i].report = 1;
+    } else if (x->zc) {
+        io_uring_prep_send_zc(sqe, x->sock, addr, n, SEND_FLAGS, IORING_SEND_ZC_REPORT_USAGE);
+        c->ops[i].report = 1;
+    } else {
+        io_uring_prep_send(sqe, x->sock, addr, n, SEND_FLAGS);
+    }
+    c->ops[i].offset = pos;
+    c->ops[i].len = n;
+    use_sock(sqe, x);
+    sqe->flags |= IOSQE_IO_LINK;
+    return n;
+}
+
+/* Register the sparse buffer table once: the pool takes its first slots, streams its last
+ * STREAM_SLOTS (IORING_REGISTER_BUFFERS works once per ring; updates work any time). */
+static int buf_table(struct us_core *c, unsigned nr)
+{
+    int ret;
+    if (c->buf_table)
+        return 0;
+    ret = io_uring_register_buffers_sparse(&c->ring, nr);
+    if (ret < 0)
+        return ret;
+    c->buf_table = nr;
+    return 0;
+}
+
+static int buf_update(struct us_core *c, unsigned slot, const struct iovec *iov, unsigned n)
+{
+    int ret = io_uring_register_buffers_update_tag(&c->ring, slot, iov, NULL, n);
+    return ret < 0 ? ret : 0;
+}
+
+/* A settled stream's buffer leaves the table: nothing references it any more. */
+static void stream_unregister(struct us_core *c, struct xfer *x)
+{
+    struct iovec none = {NULL, 0};
+    unsigned bit = x->buf_index - (c->buf_table - STREAM_SLOTS);
+    if (!c->closed)
+        buf_update(c, x->buf_index, &none, 1);
+    c->stream_slots &= ~(1ull << bit);
+    x->wrap = 0;
+}
+
 static int build_body(struct us_core *c, struct xfer *x, int64_t pos, int64_t end, unsigned max_chunks)
 {
     unsigned k;
@@ -608,6 +765,10 @@ static int build_body(struct us_core *c, struct xfer *x, int64_t pos, int64_t en
             c->ops[i].buf = (int16_t)b;
             use_sock(sqe, x);
             sqe->flags |= IOSQE_IO_LINK;
+        } else if (x->mem) {
+            n = mem_chunk(c, x, pos, end);
+            if (!n)
+                break;
         } else {
             uint8_t *addr = (uint8_t *)(uintptr_t)x->map->addr + pos;
             n = x->chunk;
@@ -672,6 +833,8 @@ static void pump(struct us_core *c, struct xfer *x)
         return;
     left = header_left(x);
     tleft = trailer_left(x);
+    if (x->open && !x->pub.error && !x->cancelled && x->pos >= x->pub.end)
+        return;  /* an open stream waits for its next commit */
     if (x->pub.error || x->cancelled || (x->pos >= x->pub.end && !left && !tleft)) {
         finish(c, x);
         return;
@@ -740,6 +903,8 @@ static void pump(struct us_core *c, struct xfer *x)
         x->chain_len = 0;
         return;  /* starved: a buffer or the budget will ready it */
     }
+    if (x->open)
+        x->final_chain = 0;  /* more may be committed: the socket's slot stays */
     if (x->final_chain && unslot)
         build_unslot(c, x);
     c->last_sqe->flags &= (uint8_t)~IOSQE_IO_LINK;  /* the last member ends the chain */
@@ -885,6 +1050,8 @@ static void maybe_settle(struct us_core *c, struct xfer *x)
         x->map = NULL;
         map_put(m);
     }
+    if (x->wrap)
+        stream_unregister(c, x);
     settled(c, x);
 }
 
@@ -899,6 +1066,10 @@ static void let_go(struct us_core *c, struct xfer *x, struct op *op)
 {
     if (op->buf >= 0)
         buffer_let_go(c, op->buf);
+    if (op->role == R_SEND && x->mem && !x->wrap && op->opcode == IORING_OP_SEND_ZC) {
+        c->st.zc_bytes_unreleased -= zc_charge(op->len);
+        wake_waiters(c, W_BUDGET);
+    }
     if (op->role == R_SEND && x->map) {
         if (op->opcode == IORING_OP_SEND_ZC) {
             c->st.zc_bytes_unreleased -= zc_charge(op->len);
@@ -944,7 +1115,7 @@ static void send_error(struct us_core *c, struct xfer *x, struct op *op, int32_t
     if (res == -EOPNOTSUPP && zc) {  /* e.g. AF_UNIX: no SEND_ZC there [KF 11] */
         x->zc = 0;
         x->pub.fallback = US_FALLBACK_NO_SEND_ZC;
-        if (x->map)
+        if (x->map || x->mem)
             x->chunk = c->copy_chunk_size;
         return;
     }
@@ -961,7 +1132,7 @@ static void send_error(struct us_core *c, struct xfer *x, struct op *op, int32_t
             return;
         }
     }
-    if (res == -ENOMEM && zc && x->map) {
+    if (res == -ENOMEM && zc && (x->map || (x->mem && !x->wrap))) {
         if (!x->pub.error) {
             x->pub.error = ENOMEM;
             x->pub.err_kind = US_ERR_MEMLOCK;
@@ -1115,8 +1286,11 @@ static void on_notif(struct us_core *c, uint32_t i, int32_t res)
         if (op->res > 0)  /* a send that moved nothing reads "copied" too: not counted */
             copied ? c->st.copied++ : c->st.zerocopy++;
     }
-    if (x && op->res > 0)
+    if (x && op->res > 0) {
+        if (x->mem)
+            mem_notified(x, copied);
         event(c, x, US_RELEASED, op->role == R_SEND ? op->offset : -1, (uint32_t)op->res, copied);
+    }
     op_over(c, i);
 }
 
@@ -1362,7 +1536,12 @@ int us_core_pool(struct us_core *c, uint32_t count, uint32_t size)
         iov[i].iov_len = size;
         pool->free_stack[i] = count - 1 - i;
     }
-    ret = io_uring_register_buffers(&c->ring, iov, count);
+    /* in the first slots of a sparse table, leaving the last ones to stream buffers; a kernel
+     * without sparse tables (< 5.19) gets the pool alone */
+    if (c->buf_table || buf_table(c, count + STREAM_SLOTS) == 0)
+        ret = count <= c->buf_table - STREAM_SLOTS ? buf_update(c, 0, iov, count) : -ENOSPC;
+    else
+        ret = io_uring_register_buffers(&c->ring, iov, count);
     free(iov);
     iov = NULL;
     if (ret < 0)
@@ -1595,6 +1774,169 @@ go:
         submit(c);  /* e.g. emptying the slots of a transfer that just ended */
     x->starting = 0;
     return &x->pub;
+}
+
+/* A transfer from memory at addr: offsets are bytes from addr (or stream offsets). */
+static struct xfer *mem_xfer_new(struct us_core *c, int mode, uint64_t addr, uint64_t len, int notify)
+{
+    struct xfer *x = calloc(1, sizeof(*x));
+    if (!x)
+        return NULL;
+    x->core = c;
+    x->refs = 2;
+    x->pub.id = c->next_id++;
+    x->pub.end = (int64_t)len;
+    x->pub.planned = (int64_t)len;
+    x->pub.mode = (uint8_t)mode;
+    x->pub.notify = (uint8_t)notify;
+    x->pub.events = x->inline_events;
+    x->cap_events = EVENTS_INLINE;
+    x->pub.started_ns = now_ns();
+    x->header = (uint8_t *)(x + 1);
+    x->sock = x->file = -1;
+    x->mem = (uint8_t *)(uintptr_t)addr;
+    x->zc = mode == US_MODE_MMAP || mode == US_MODE_AUTO;
+    x->copy_when_copied = mode == US_MODE_AUTO;
+    x->chunk = x->zc ? c->chunk_size : c->copy_chunk_size;
+    x->window = WINDOW;
+    return x;
+}
+
+/* Take hold of the socket (a registered file slot, else a duplicate) and send what there is. */
+static struct us_xfer *mem_launch(struct us_core *c, struct xfer *x, int sock_fd)
+{
+    if (x->zc && !x->wrap) {  /* one send's pinned pages must fit the budget by themselves */
+        uint64_t max = c->zc_budget >> 12 > 2 ? ((c->zc_budget >> 12) - 2) << 12 : PAGE;
+        if (x->chunk > max)
+            x->chunk = (uint32_t)(max < PAGE ? PAGE : max);
+    }
+    if (CHAIN_BYTES / x->chunk < x->window)
+        x->window = CHAIN_BYTES / x->chunk ? CHAIN_BYTES / x->chunk : 1;
+    if (c->sq_entries > 5) {  /* the chain (install, chunks, unslot) must fit the SQ [KF 4] */
+        if (c->sq_entries - 4 < x->window)
+            x->window = c->sq_entries - 4;
+    } else {
+        x->window = 1;
+    }
+    c->st.transfers_started++;
+    c->st.transfers_active++;
+    c->st.transfers_running++;
+    x->next_active = c->active;
+    if (c->active)
+        c->active->prev_active = x;
+    c->active = x;
+    if (!x->open && x->pub.end <= 0) {
+        x->pub.done = 1;
+        c->st.transfers_running--;
+        maybe_settle(c, x);
+        return &x->pub;
+    }
+    if (c->nfree_slots && room(c, 1)) {
+        uint32_t i = op_new(c, x, IORING_OP_FILES_UPDATE, R_INSTALL);
+        x->sock = slot_get(c);
+        x->sock_fixed = x->sock_held = 1;
+        x->install_fd[0] = sock_fd;
+        if (!i) {
+            fail(x, -ENOMEM, IORING_OP_FILES_UPDATE, 0);
+        } else {
+            struct io_uring_sqe *sqe = sqe_for(c, x, i, 0);
+            io_uring_prep_files_update(sqe, x->install_fd, 1, x->sock);
+        }
+    } else {
+        x->sock = dup_fd(sock_fd);
+        if (x->sock < 0)
+            fail(x, -errno, US_OP_DUP, 0);
+        else
+            x->sock_held = 1;
+        c->st.fds_duplicated++;
+    }
+    pump(c, x);
+    if (c->urgent)
+        submit(c);
+    if (io_uring_cq_ready(&c->ring))  /* a small send completes inline: handle it now */
+        reap_visible(c);
+    pump_ready(c);
+    if (c->urgent)
+        submit(c);
+    return &x->pub;
+}
+
+struct us_xfer *us_send(struct us_core *c, int mode, int sock_fd, uint64_t addr, uint64_t len, int notify)
+{
+    struct xfer *x;
+    if (c->closed)
+        return start_failed(c, US_START_CLOSED, EBADF);
+    x = mem_xfer_new(c, mode, addr, len, notify);
+    if (!x)
+        return start_failed(c, US_START_OTHER, ENOMEM);
+    return mem_launch(c, x, sock_fd);
+}
+
+struct us_xfer *us_stream(struct us_core *c, int mode, int sock_fd, uint64_t addr, uint64_t size, int notify)
+{
+    struct iovec iov = {(void *)(uintptr_t)addr, (size_t)size};
+    struct xfer *x;
+    unsigned bit;
+    int ret;
+    if (c->closed)
+        return start_failed(c, US_START_CLOSED, EBADF);
+    ret = buf_table(c, BUF_TABLE);
+    if (ret < 0)
+        return start_failed(c, US_START_REGISTER, -ret);
+    for (bit = 0; bit < STREAM_SLOTS && (c->stream_slots >> bit) & 1; bit++)
+        ;
+    if (bit == STREAM_SLOTS)
+        return start_failed(c, US_START_NO_SLOT, ENOSPC);
+    x = mem_xfer_new(c, mode, addr, 0, notify);
+    if (!x)
+        return start_failed(c, US_START_OTHER, ENOMEM);
+    x->buf_index = (uint16_t)(c->buf_table - STREAM_SLOTS + bit);
+    ret = buf_update(c, x->buf_index, &iov, 1);
+    if (ret < 0) {
+        xfer_free(x);
+        return start_failed(c, US_START_REGISTER, -ret);
+    }
+    c->stream_slots |= 1ull << bit;
+    x->wrap = size;
+    x->open = 1;
+    /* releases come per send: several sends per lap keep the buffer reusable a part at a time */
+    if (x->chunk > size / 8)
+        x->chunk = size / 8 > PAGE ? (uint32_t)(size / 8) : PAGE;
+    return mem_launch(c, x, sock_fd);
+}
+
+/* The next n bytes of the stream are in its buffer: send them. Returns 0 when they went into a
+ * chain at once, 1 when they wait for the chain in flight (the next us_run sends them), or the
+ * transfer's -errno once it ended. */
+int us_stream_commit(struct us_core *c, struct us_xfer *pub, uint64_t n)
+{
+    struct xfer *x = (struct xfer *)pub;
+    if (c->closed)
+        return -EBADF;
+    if (x->pub.done || !x->open)
+        return x->pub.error ? -x->pub.error : -EPIPE;
+    x->pub.end += (int64_t)n;
+    x->pub.planned += (int64_t)n;
+    if (x->chain_left || x->in_ready)
+        return 1;
+    pump(c, x);
+    if (c->urgent)
+        submit(c);
+    return 0;
+}
+
+/* Nothing more will be committed: the transfer ends once what was committed is sent. */
+void us_stream_end(struct us_core *c, struct us_xfer *pub)
+{
+    struct xfer *x = (struct xfer *)pub;
+    if (!x->open)
+        return;
+    x->open = 0;
+    if (c->closed || x->chain_left || x->pub.done)
+        return;
+    pump(c, x);
+    if (c->urgent)
+        submit(c);
 }
 
 void us_cancel(struct us_core *c, struct us_xfer *pub)

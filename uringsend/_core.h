@@ -15,6 +15,7 @@
 #define US_MODE_ZEROCOPY 2
 #define US_MODE_MMAP 3
 #define US_MODE_COPY 4
+#define US_MODE_AUTO 5       /* memory sources: SEND_ZC until the kernel reports copying, then SEND */
 
 /* Event kinds of a transfer's timeline. */
 #define US_SENT 1
@@ -30,6 +31,7 @@
 
 /* Why a transfer sends differently from what it was asked (us_xfer.fallback). */
 #define US_FALLBACK_NO_SEND_ZC 1  /* SEND_ZC answered EOPNOTSUPP (AF_UNIX): copying sends */
+#define US_FALLBACK_COPIED 2      /* US_MODE_AUTO: the kernel copied SEND_ZC data: copying sends */
 
 /* Why us_start refused (us_core_start_error); errno says the rest. */
 #define US_START_CLOSED 1
@@ -40,6 +42,8 @@
 #define US_START_OFFSET 6       /* offset past the end: the size is reported */
 #define US_START_MAP 7
 #define US_START_OTHER 8
+#define US_START_NO_SLOT 9      /* every stream buffer slot of the registered buffer table is taken */
+#define US_START_REGISTER 10    /* registering the stream buffer failed: errno says why */
 
 /* What changed for a watched transfer in one us_run (us_change.what), or a raw op's CQE. */
 #define US_CH_DONE 1
@@ -87,6 +91,10 @@ struct us_xfer {
     uint8_t done;            /* no more bytes will be sent */
     uint8_t settled;         /* done, and the kernel holds nothing of this transfer any more */
     uint8_t notify;          /* Python watches it: report changes in us_run's batch */
+    /* Memory sources (us_send, us_stream): offsets count bytes from the start of the memory. */
+    uint64_t released_upto;  /* every byte below this offset has been released */
+    uint64_t copied_bytes;   /* released bytes the kernel copied */
+    uint64_t zerocopy_bytes; /* released bytes the kernel sent as pages (no copy) */
 };
 
 struct us_change {
@@ -189,6 +197,17 @@ void us_cancel(struct us_core *c, struct us_xfer *x);
 void us_cancel_all(struct us_core *c);
 void us_xfer_put(struct us_xfer *x);
 int us_run(struct us_core *c, unsigned wait_nr, int64_t timeout_ns, int ack);
+
+/* Memory sources. us_send: len bytes at addr (pinned by the caller until the transfer settles).
+ * us_stream: an open transfer from a circular buffer of size bytes at addr, registered by the core
+ * in a slot of its buffer table (and unregistered when the transfer settles); us_stream_commit
+ * makes the next n bytes of the stream (at stream offset modulo size) sendable, us_stream_end
+ * lets the transfer finish once they are sent. mode: US_MODE_MMAP (SEND_ZC), US_MODE_COPY (SEND),
+ * or, for us_stream, US_MODE_AUTO. */
+struct us_xfer *us_send(struct us_core *c, int mode, int sock_fd, uint64_t addr, uint64_t len, int notify);
+struct us_xfer *us_stream(struct us_core *c, int mode, int sock_fd, uint64_t addr, uint64_t size, int notify);
+int us_stream_commit(struct us_core *c, struct us_xfer *x, uint64_t n);
+void us_stream_end(struct us_core *c, struct us_xfer *x);
 
 int us_raw_submit(struct us_core *c, struct us_rawop *ops, unsigned n);
 

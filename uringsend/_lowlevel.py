@@ -239,3 +239,18 @@ class Pinned:
         if self._cdata is not None:
             ffi.release(self._cdata)
             self._cdata = None
+
+
+# ---- memory sources (uringsend.stream) ------------------------------------------------------
+# us_send(core, mode, sock_fd, address, length, notify) and us_stream(core, mode, sock_fd,
+# address, size, notify) -> struct us_xfer * or NULL (see Core.start_error); owned through
+# gc(x, xfer_put) like xfer_start's. us_stream_commit(core, x, n) -> 0 sent at once, 1 behind the
+# chain in flight, -errno ended; us_stream_end(core, x).
+mem_send = lib.us_send
+stream_open = lib.us_stream
+stream_commit = lib.us_stream_commit
+stream_end = lib.us_stream_end
+START_NO_SLOT, START_REGISTER = lib.US_START_NO_SLOT, lib.US_START_REGISTER
+MODE_SEND_ZC, MODE_SEND = lib.US_MODE_MMAP, lib.US_MODE_COPY  # SEND_ZC / SEND from memory
+MODE_SEND_ZC_UNLESS_COPIED = lib.US_MODE_AUTO  # SEND_ZC until the kernel reports copying, then SEND
+FALLBACK_COPIED = lib.US_FALLBACK_COPIED

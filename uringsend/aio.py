@@ -74,12 +74,29 @@ class AsyncRing:
         ``writer.transport.set_write_buffer_limits(0)`` once, then ``await writer.drain()`` (with
         the default limits drain() returns while up to 64 KiB are still buffered).
         """
+        self._check_open()
+        return self._adopt(self.ring.sendfile(sock, file, offset, count, mode=mode, headers=headers,
+                                              trailers=trailers, on_release=on_release, header=header))
+
+    def send(self, sock, data, *, mode="auto", on_release=None):
+        """Start sending the bytes-like ``data`` (``Ring.send``); returns an ``AsyncTransfer``.
+        ``data`` stays pinned until the transfer settles (``await handle.released()``)."""
+        self._check_open()
+        return self._adopt(self.ring.send(sock, data, mode=mode, on_release=on_release))
+
+    def stream(self, sock, size=1 << 20, *, mode="zerocopy"):
+        """An ``AsyncStreamWriter`` on a registered circular buffer (``Ring.stream``)."""
+        from .stream import AsyncStreamWriter
+        self._check_open()
+        return AsyncStreamWriter(self, sock, size, mode=mode)
+
+    def _check_open(self):
         if self._closing or self.ring.closed:
             raise ValueError("the ring is closed")
         if asyncio.get_running_loop() is not self._loop:
             raise RuntimeError("an AsyncRing is driven only by the event loop that created it")
-        transfer = self.ring.sendfile(sock, file, offset, count, mode=mode, headers=headers,
-                                      trailers=trailers, on_release=on_release, header=header)
+
+    def _adopt(self, transfer):
         handle = AsyncTransfer(self, transfer)
         if not transfer.settled():
             self._active[transfer] = handle

@@ -235,12 +235,34 @@ def show_tee(r, out):
     out.checks(r)
 
 
+def show_stream(r, out):
+    out.title("stream: generated records through Ring.stream's registered circular buffer -> loopback TCP")
+    out.para("one line each time the write position comes back to the buffer's start: the lap just written, "
+             "region by region (F: in flight, the kernel may still read it; R: released, free to reuse), and "
+             "how many reserves of that lap reused places of the lap before, each only after its release")
+    for run in r["runs"]:
+        reader = "slow reader (small socket buffers)" if run["slow_reader"] else "fast reader"
+        out.line()
+        out.line(f"  {human(run['size'])} buffer, {human(run['total'])} in {run['records']} records, {reader}")
+        for ln in run["lines"]:
+            out.line(f"    lap {ln['lap']:3d} at {human(ln['committed']):>9}  [{ln['regions']}]  in flight "
+                     f"{human(ln['in_flight']):>9}  released {human(ln['released']):>9} (copied "
+                     f"{human(ln['copied'])}, zero-copy {human(ln['zerocopy'])})  reused {ln['reused']:3d} after release"
+                     f"  waits {ln['waits']}")
+        out.line(f"    {run['reuses']} reserves reused bytes of an earlier lap, {run['early_reuses']} before "
+                 f"their release; the writer waited {plural(run['waits'], 'time')} for the kernel")
+    out.para("'copied': on loopback the kernel copies SEND_ZC data and says so in the notification; a NIC "
+             "with zero-copy support would send the buffer's pages and release them after the peer's ACK")
+    out.checks(r)
+
+
 # name: (function, formatter, the function's arguments taken from the command line)
 DEMOS = {
     "notify": (demos.notify, show_notify, ("mode", "size", "slow_reader", "progress")),
     "hazard": (demos.hazard, show_hazard, ("size", "progress")),
     "header": (demos.header, show_header, ("mode", "size")),
     "tee": (demos.tee, show_tee, ("sockets", "size")),
+    "stream": (demos.stream, show_stream, ("size", "tiny", "total", "progress")),
 }
 
 
@@ -374,6 +396,13 @@ def build_parser():
     tee.add_argument("--sockets", type=int, default=3, choices=range(1, 65), metavar="N",
                      help="sockets, 1 to 64 (default: 3)")
     tee.add_argument("--size", type=size_arg, default=1 << 20, help="file size (default: 1 MiB)")
+    strm = which.add_parser("stream", parents=[as_json],
+                            help="records through the stream writer's circular buffer, reused after release")
+    strm.add_argument("--size", type=size_arg, default=64 << 10, help="buffer size (default: 64 KiB)")
+    strm.add_argument("--tiny", type=size_arg, default=8 << 10,
+                      help="the second run's buffer, with a slow reader (default: 8 KiB)")
+    strm.add_argument("--total", type=size_arg, default=1 << 20,
+                      help="bytes of records in the first run; the second sends an eighth (default: 1 MiB)")
     compare = sub.add_parser(
         "compare", parents=[as_json],
         help="cost per transfer and latency: blocking splice, os.sendfile, read+send, every mode",

@@ -405,3 +405,92 @@ def tee(sockets=3, size=1 << 20, timeout=30.0):
     return _finish({"demo": "tee", "size": size, "sockets": sockets, "peers": peers,
                     "ops": {k: {"cqes": c, "bytes": n} for k, (c, n) in ops.items()},
                     "file_bytes_read": ops.get("SPLICE file -> pipe", (0, 0))[1], "checks": checks})
+
+
+# ---- stream: generated records through the stream writer's circular buffer ---------------------
+STREAM_REGIONS = 8  # the buffer is shown as this many regions, one letter each
+
+
+def _records(total, seed):
+    """Generated records of odd sizes: a numbered text line, then filler, adding up to ``total``."""
+    import random
+    rng = random.Random(seed)
+    n = 0
+    left = total
+    while left:
+        body = f"record {n:07d} ".encode()
+        size = min(left, rng.randint(len(body) + 1, 3000))
+        yield (body + bytes(65 + (n + i) % 26 for i in range(size - len(body))))[:size]
+        left -= size
+        n += 1
+
+
+def _stream_line(w, lap, copied, zerocopy, reused):
+    """The buffer when the write position comes back to its start: region by region, whether the
+    lap just written is still in flight (F: the kernel may read it) or released (R: free to reuse)."""
+    size, released = w.size, w.released
+    start = (lap - 1) * size
+    regions = "".join(
+        "R" if released >= start + (r + 1) * size // STREAM_REGIONS else "F" for r in range(STREAM_REGIONS))
+    return {"lap": lap, "committed": w.committed, "regions": regions, "in_flight": w.committed - released,
+            "released": released, "copied": copied, "zerocopy": zerocopy, "waits": w.waits,
+            "reused": reused}
+
+
+def _stream_run(size, total, slow, timeout, progress):
+    pace = dict(rcvbuf=SLOW_RCVBUF, sndbuf=SLOW_RCVBUF, piece=SLOW_PIECE, pause=SLOW_PIECE / SLOW_RATE) \
+        if slow else {}
+    lines = []
+    early = 0    # a region handed out while bytes of its previous lap were unreleased (must stay 0)
+    reuses = 0   # reserves that landed on bytes of an earlier lap
+    lap_reuses = 0
+    expect = bytearray()
+    with loopback(**pace) as link, Ring() as ring:
+        w = ring.stream(link.client, size)
+        for rec in _records(total, seed=size):
+            expect += rec
+            done = 0
+            while done < len(rec):
+                view = w.reserve(len(rec) - done, timeout)
+                k = len(view)
+                if w.committed + k > size:  # this place held bytes of the previous lap
+                    reuses += 1
+                    lap_reuses += 1
+                    early += w.released < w.committed + k - size
+                view[:] = rec[done:done + k]
+                w.commit(k)
+                done += k
+                if w.committed % size == 0:
+                    st = w.statistics()
+                    lines.append(_stream_line(w, w.committed // size, st["copied"], st["zerocopy"], lap_reuses))
+                    lap_reuses = 0
+                    if progress is not None:
+                        progress(f"stream: size {size}: lap {lines[-1]['lap']} [{lines[-1]['regions']}]")
+        w.close(timeout)
+        st = w.statistics()
+        link.client.shutdown(socket.SHUT_WR)
+        got = link.reader.join(timeout)
+    return {"size": size, "total": total, "slow_reader": slow, "records": sum(1 for _ in _records(total, size)),
+            "waits": st["waits"], "wraps": st["wrapped"], "copied": st["copied"], "zerocopy": st["zerocopy"],
+            "released": st["released"], "reuses": reuses, "early_reuses": early, "lines": lines,
+            "peer_ok": got == expect, "peer_bytes": len(got)}
+
+
+def stream(size=64 << 10, tiny=8 << 10, total=1 << 20, timeout=30.0, progress=None):
+    """Records streamed through ``Ring.stream``: once with a buffer of ``size`` and a fast reader,
+    once with a ``tiny`` buffer and a slow reader, where the writer must wait for releases."""
+    runs = [_stream_run(size, total, False, timeout, progress),
+            _stream_run(tiny, total // 8, True, timeout, progress)]
+    checks = []
+    for r in runs:
+        name = f"{r['size'] >> 10} KiB buffer"
+        checks += [
+            _check(f"{name}: peer got every record, in order", r["peer_ok"],
+                   f"{r['peer_bytes']} of {r['total']} bytes"),
+            _check(f"{name}: every byte released", r["released"] == r["total"], f"{r['released']} released"),
+            _check(f"{name}: no region handed out before the kernel released it", r["early_reuses"] == 0,
+                   f"{r['reuses']} reuses, {r['early_reuses']} early"),
+        ]
+    checks.append(_check("tiny buffer: the writer waited for releases instead of overwriting",
+                         runs[1]["waits"] > 0, f"{runs[1]['waits']} waits"))
+    return _finish({"demo": "stream", "runs": runs, "checks": checks})

@@ -408,6 +408,27 @@ class Ring:
             self._last_trace = self._core.trace()
         return getattr(self, "_last_trace", [])
 
+    # ---- memory sources: send() and stream(), implemented in uringsend.stream ----------------
+    def send(self, sock, data, *, mode="auto", on_release=None):
+        """Start sending the bytes-like ``data`` (bytes, bytearray, contiguous memoryview, mmap) to
+        the stream socket ``sock``; returns a Transfer at once, with ``sent`` and ``released``
+        events per chunk (offsets within ``data``). ``mode``: 'zerocopy' (SEND_ZC) or 'copy'
+        (SEND; 'auto'). ``data`` stays pinned (a bytearray cannot be resized, an mmap cannot be
+        closed) until the transfer settles; writing to it before its release changes what the
+        peer may get."""
+        from .stream import send
+        self._driver.check()
+        return send(self, sock, data, mode=mode, on_release=on_release)
+
+    def stream(self, sock, size=1 << 20, *, mode="zerocopy"):
+        """A ``StreamWriter`` to ``sock`` on a registered circular buffer of ``size`` bytes, sent
+        with SEND_ZC ('zerocopy'), SEND ('copy'), or SEND_ZC until the kernel reports that it
+        copies anyway ('auto'). See docs/streams.md."""
+        from .stream import StreamWriter
+        self._driver.check()
+        return StreamWriter(self, sock, size, mode=mode)
+    # ---- end of memory sources -------------------------------------------------------------
+
 
 def _file_fd(file):
     """(fd to start from, the caller's fd or None for a path, whether we opened it). An fd we
