@@ -89,6 +89,18 @@ class AsyncRing:
     def statistics(self):
         return self.ring.statistics()
 
+    def close(self, timeout=None):
+        """Close from the loop's thread while the loop is not running (``loop.close()`` does this
+        for the rings of ``install()``): running transfers are cancelled and the ring is driven,
+        blocking, until the kernel released everything or ``timeout`` (default the ring's
+        ``close_timeout``) passed; memory still held then is kept alive, never freed."""
+        if self.ring.closed:
+            return
+        if self._loop.is_running():
+            raise RuntimeError("close() blocks: use 'await ring.aclose()' while the loop runs")
+        self._closing = True
+        self._teardown(self.ring.close_timeout if timeout is None else timeout)
+
     async def aclose(self, timeout=None):
         """Cancel running transfers and wait (at most ``timeout``, default the ring's
         ``close_timeout``) until the kernel released everything; then close. Memory still held
@@ -108,7 +120,7 @@ class AsyncRing:
                 except asyncio.TimeoutError:
                     pass
         finally:
-            self._teardown()
+            self._teardown(0)
 
     # ---- reaping -----------------------------------------------------------------------------
     def _schedule_reap(self):
@@ -151,10 +163,12 @@ class AsyncRing:
     def _quiet(self):
         return not self._active and self.ring._idle()
 
-    def _teardown(self):
-        self._loop.remove_reader(self._efd)
-        self.ring.close(timeout=0)
-        os.close(self._efd)
+    def _teardown(self, timeout):
+        try:
+            self.ring.close(timeout=timeout)
+        finally:
+            self._loop.remove_reader(self._efd)
+            os.close(self._efd)
         for transfer, handle in self._active.items():
             for waiters, ready in ((handle._done_waiters, transfer.done),
                                    (handle._settled_waiters, transfer.settled)):
@@ -262,3 +276,10 @@ async def sendfile(sock, file, offset=0, count=None, *, mode="auto", header=b"",
     finally:
         if own:
             await ring.aclose()
+
+
+from ._aioinstall import (  # noqa: E402 - install() makes AsyncRings: defined above
+    InstallStatistics, SendfileScope, install, install_statistics, sendfile_options, uninstall)
+
+__all__ = ["AsyncRing", "AsyncTransfer", "sendfile", "install", "uninstall", "sendfile_options",
+           "install_statistics", "InstallStatistics", "SendfileScope"]
