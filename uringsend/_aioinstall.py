@@ -31,16 +31,22 @@ import os
 import socket
 import stat
 import threading
+import time
 import types
 from typing import Mapping
 
 from .errors import IoUringUnavailable
 from .ring import MODES
+from .transfer import RELEASED, Event
 
 TLS = "TLS transport"
 NO_STREAM_SOCKET = "transport without a stream socket"
 NOT_REGULAR = "not a regular file"
 UNAVAILABLE = "io_uring unavailable"
+# In mode 'auto', a range up to this size is read and written by the loop's thread: below it
+# that costs less CPU than a ring round trip (docs/asyncio.md has the measurements). 64 KiB is
+# also a transport's default high-water mark, and a read that size is a small allocation.
+SMALL = 64 << 10
 
 _MISSING = object()
 _FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
@@ -49,7 +55,7 @@ _patched = []             # (class, name, what its __dict__ held or _MISSING), i
 _default = {"mode": "auto"}
 _rings = {}               # loop -> AsyncRing, until the loop closes
 _unavailable = []         # why io_uring cannot be used in this process (IoUringUnavailable text)
-_counts = {"transfers": 0, "bytes_sent": 0, "errors": 0}
+_counts = {"transfers": 0, "bytes_sent": 0, "errors": 0, "small_writes": 0, "small_bytes": 0}
 _fallbacks = {}
 _scope = contextvars.ContextVar("uringsend.aio.sendfile_options", default=None)
 
@@ -61,6 +67,8 @@ class InstallStatistics:
     transfers: int                # sendfile calls that went through io_uring
     bytes_sent: int               # file bytes those transfers sent
     errors: int                   # io_uring transfers that ended with an error (or were cancelled)
+    small_writes: int             # mode 'auto', small ranges: read and written by the loop's thread
+    small_bytes: int              # bytes those writes sent
     fallbacks: Mapping[str, int]  # calls handed to the loop's previous method, by reason
     rings: int                    # rings open now (one per loop that sent a file)
 
@@ -69,7 +77,8 @@ def install_statistics():
     """Counts since the process started (across install()/uninstall()), as a frozen record."""
     with _lock:
         return InstallStatistics(bool(_patched), _default["mode"], _counts["transfers"],
-                                 _counts["bytes_sent"], _counts["errors"],
+                                 _counts["bytes_sent"], _counts["errors"], _counts["small_writes"],
+                                 _counts["small_bytes"],
                                  types.MappingProxyType(dict(_fallbacks)), len(_rings))
 
 
@@ -152,15 +161,22 @@ def _sock_sendfile_method(native):
             if self.get_debug() and sock.gettimeout() != 0:
                 raise ValueError("the socket must be non-blocking")
             _check_params(sock, file, offset, count)
-            target = _target(self, file)
-            if type(target) is str:
-                _fallback(target)
+            plan = _plan(self, file, offset, count)
+            if type(plan) is str:
+                _fallback(plan)
                 if not native and not fallback:
                     raise asyncio.SendfileNotAvailableError(
                         f"sendfile through io_uring is not available for socket {sock!r} and file "
-                        f"{file!r}: {target}")
+                        f"{file!r}: {plan}")
                 return await previous(self, sock, file, offset, count, fallback=fallback)
-            return await _send(target, sock.fileno(), file, offset, count)
+            if plan is _NOTHING:
+                return 0
+            if plan.ring is None:
+                data = _read_small(plan, file, offset)
+                await self.sock_sendall(sock, data)
+                return _written_small(plan, file, offset, len(data))
+            # a socket object spares the ring an fstat of the fd (uvloop's stand-in is not one)
+            return await _send(plan, sock if type(sock) is socket.socket else sock.fileno(), file, offset)
         sock_sendfile.__doc__ = previous.__doc__
         return sock_sendfile
     return make
@@ -190,11 +206,16 @@ def _uvloop_sendfile_method(stream_transports):
             if reason is None:
                 sock = transport.get_extra_info("socket")
                 _check_params(sock, file, offset, count)
-                target = _target(self, file)
-                if type(target) is not str:
-                    return await _send_on_transport(self, transport, target, sock.fileno(), file,
-                                                    offset, count)
-                reason = target
+                plan = _plan(self, file, offset, count)
+                if plan is _NOTHING:
+                    return 0
+                if type(plan) is not str:
+                    if plan.ring is None:
+                        data = _read_small(plan, file, offset)
+                        transport.write(data)  # in order after what is buffered already
+                        return _written_small(plan, file, offset, len(data))
+                    return await _send_on_transport(self, transport, plan, sock.fileno(), file, offset)
+                reason = plan
             _fallback(reason)
             if not fallback:
                 raise asyncio.SendfileNotAvailableError(
@@ -243,8 +264,23 @@ def _transport_reason(transport):
     return None
 
 
-def _target(loop, file):
-    """(ring, file fd, file size) to send from, or the reason to fall back (a str)."""
+class _Plan:
+    """One call's send: the file's fd, the bytes to send, the mode and options, and the ring
+    (None: a small file in mode 'auto', read and written by the loop's thread)."""
+
+    __slots__ = ("fd", "n", "mode", "scope", "ring")
+
+    def __init__(self, fd, n, mode, scope, ring):
+        self.fd, self.n, self.mode, self.scope, self.ring = fd, n, mode, scope, ring
+
+
+_NOTHING = _Plan(-1, 0, None, None, None)
+
+
+def _plan(loop, file, offset, count):
+    """How to send ``count`` bytes (None: to the end) of ``file`` from ``offset``: a _Plan,
+    _NOTHING (at or past the end: the stdlib sends nothing and leaves the position alone), or
+    the reason to fall back (a str)."""
     try:
         fd = file.fileno()
         st = os.fstat(fd)
@@ -252,12 +288,19 @@ def _target(loop, file):
         return NOT_REGULAR
     if not stat.S_ISREG(st.st_mode):
         return NOT_REGULAR
+    n = st.st_size - offset if count is None else min(count, st.st_size - offset)
+    if n <= 0:
+        return _NOTHING
+    scope = _scope.get()
+    mode = _default["mode"] if scope is None or scope.mode is None else scope.mode
+    if mode == "auto" and n <= SMALL:
+        return _Plan(fd, n, mode, scope, None)
     ring = _rings.get(loop)
     if ring is None or ring.closed:
         ring = _ring_for(loop)
         if ring is None:
             return UNAVAILABLE
-    return ring, fd, st.st_size
+    return _Plan(fd, n, mode, scope, ring)
 
 
 def _ring_for(loop):
@@ -302,17 +345,29 @@ def _fallback(reason):
         _fallbacks[reason] = _fallbacks.get(reason, 0) + 1
 
 
-async def _send(target, sock_fd, file, offset, count):
+def _read_small(plan, file, offset):
+    """A small file's bytes, read by the loop's thread (from the page cache, as the stdlib's
+    native sendfile also does on the loop's thread)."""
+    return os.pread(plan.fd, plan.n, offset)
+
+
+def _written_small(plan, file, offset, n):
+    """After a small file's bytes were written: the socket copied them, so they are released."""
+    with _lock:
+        _counts["small_writes"] += 1
+        _counts["small_bytes"] += n
+    _seek(file, offset, n)
+    if plan.scope is not None and plan.scope.on_release is not None and n:
+        plan.scope.on_release(Event(RELEASED, offset, n, True, time.perf_counter_ns()))
+    return n
+
+
+async def _send(plan, sock, file, offset):
     """Send through the loop's ring; the file position ends at offset + bytes sent, as with the
     stdlib, also on error and cancellation."""
-    ring, fd, size = target
-    n = size - offset if count is None else min(count, size - offset)
-    if n <= 0:
-        return 0  # at or past the end: the stdlib sends nothing and leaves the position alone
-    scope = _scope.get()
-    mode = _default["mode"] if scope is None or scope.mode is None else scope.mode
-    handle = ring.sendfile(sock_fd, fd, offset, n, mode=mode,
-                           on_release=None if scope is None else scope.on_release)
+    scope = plan.scope
+    handle = plan.ring.sendfile(sock, plan.fd, offset, plan.n, mode=plan.mode,
+                                on_release=None if scope is None else scope.on_release)
     if scope is not None:
         scope.transfers.append(handle)
     try:
@@ -336,7 +391,7 @@ def _seek(file, offset, sent):
         file.seek(offset + sent)
 
 
-async def _send_on_transport(loop, transport, target, sock_fd, file, offset, count):
+async def _send_on_transport(loop, transport, plan, sock_fd, file, offset):
     """What the selector loop does around a native send, through the transport's public methods:
     reading paused, every byte already written to the transport out first, then the file."""
     resume_reading = transport.is_reading()
@@ -344,7 +399,7 @@ async def _send_on_transport(loop, transport, target, sock_fd, file, offset, cou
     try:
         if transport.get_write_buffer_size():
             await _drained(loop, transport)
-        return await _send(target, sock_fd, file, offset, count)
+        return await _send(plan, sock_fd, file, offset)
     finally:
         if resume_reading and not transport.is_closing():
             transport.resume_reading()

@@ -83,7 +83,9 @@ class AsyncRing:
         if not transfer.settled:
             self._active[transfer] = handle
             self.ring._watch(transfer)  # what happened before this is seen by the reap below
-        self._schedule_reap()
+            self._schedule_reap()
+        # A transfer that settled inside the call needs no reap of its own: the completions it
+        # posted signalled the eventfd, which wakes the loop for anything they left behind.
         return handle
 
     def statistics(self):
