@@ -17,6 +17,7 @@ import pytest
 import uvloop
 from aiohttp import web
 
+import uringsend._aioinstall
 import uringsend.aio
 from uringsend.aio import install, install_statistics, sendfile_options, uninstall
 from uringsend._aioinstall import NOT_REGULAR, SMALL, TLS
@@ -476,6 +477,52 @@ def test_small_auto_write_reports_its_release(kind, installed, make_file):
 
     sent, got, released, transfers = run(kind, main)
     assert (sent, got, released, transfers) == (2990, data[10:], [("released", 10, 2990, True)], [])
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_aiohttp_handler_with_options(kind, installed, tmp_path):
+    """The documented pattern: a handler sets options for its own request (aiohttp sends the file
+    in the response's prepare(), in the request's task, after the handler returned). The next
+    request on the same connection has its own task and the default mode."""
+    data = os.urandom(BIG)
+    (tmp_path / "f.bin").write_bytes(data)
+    scopes, released = [], []
+
+    async def handler(request):
+        if request.query.get("mmap"):
+            scopes.append(sendfile_options(mode="mmap", on_release=released.append))
+        return web.FileResponse(tmp_path / "f.bin")
+
+    async def main():
+        app = web.Application()
+        app.router.add_get("/f", handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            before = install_statistics()
+            replies = await asyncio.to_thread(fetch, runner.addresses[0][1],
+                                              [("GET", "/f?mmap=1", {}), ("GET", "/f", {})])
+            [scope] = scopes
+            await scope.released()
+            return replies, [h.mode for h in scope.transfers], delta(before)
+        finally:
+            await runner.cleanup()
+
+    replies, modes, counted = run(kind, main)
+    assert [(status, sha(body)) for status, _, body in replies] == [(200, sha(data))] * 2
+    assert modes == ["mmap"]
+    assert sum(e.nbytes for e in released if e.offset is not None) == len(data)
+    assert counted["transfers"] == 2 and counted["bytes_sent"] == 2 * len(data)
+
+
+def test_options_apply_until_the_block_ends():
+    with sendfile_options(mode="splice") as outer:
+        with sendfile_options(mode="copy") as inner:
+            assert uringsend._aioinstall._scope.get() is inner
+        assert uringsend._aioinstall._scope.get() is outer
+    assert uringsend._aioinstall._scope.get() is None
 
 
 def test_options_reject_unknown_modes():

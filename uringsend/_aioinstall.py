@@ -24,7 +24,6 @@ loop's ``close()`` (hooked on the loop instance when the ring is made): transfer
 are cancelled and the ring is driven until the kernel released everything they used.
 """
 import asyncio
-import contextlib
 import contextvars
 import dataclasses
 import os
@@ -83,35 +82,40 @@ def install_statistics():
 
 
 class SendfileScope:
-    """What ``sendfile_options()`` yields: the options, and the transfers started in its block."""
+    """What ``sendfile_options()`` returns: the options, and the transfers started under them."""
 
     def __init__(self, mode, on_release):
         self.mode = mode
         self.on_release = on_release
-        self.transfers = []   # AsyncTransfer handles, in the order started
+        self.transfers = []   # AsyncTransfer handles of the io_uring transfers, in the order started
+        self._token = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        _scope.reset(self._token)
 
     async def released(self):
-        """Wait until the kernel released every buffer or page of every transfer started in the
-        block (mode 'splice' reports none: ReleaseNotReported)."""
+        """Wait until the kernel released every buffer or page of every transfer started under
+        these options (mode 'splice' reports none: ReleaseNotReported)."""
         for handle in list(self.transfers):
             await handle.released()
 
 
-@contextlib.contextmanager
 def sendfile_options(*, mode=None, on_release=None):
-    """Options for the ``loop.sendfile()``/``loop.sock_sendfile()`` calls made inside the block
-    (in this task, and in tasks it creates there): ``mode`` (default: install()'s) and
-    ``on_release(event)``, called on the loop for each released chunk. Yields a SendfileScope."""
+    """Options for the ``loop.sendfile()``/``loop.sock_sendfile()`` calls made from now on in this
+    task's context (and in tasks it creates): ``mode`` (default: install()'s) and
+    ``on_release(event)``, called on the loop for each released chunk. Returns a SendfileScope.
+    In a ``with`` block they end with the block; otherwise with the task (aiohttp runs each
+    request in a task of its own, up to and including the response's ``prepare()``)."""
     if mode is not None and mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     if on_release is not None and not callable(on_release):
         raise TypeError("on_release must be callable")
     scope = SendfileScope(mode, on_release)
-    token = _scope.set(scope)
-    try:
-        yield scope
-    finally:
-        _scope.reset(token)
+    scope._token = _scope.set(scope)
+    return scope
 
 
 def install(*, mode="auto"):
