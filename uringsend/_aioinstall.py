@@ -17,7 +17,8 @@ Parameter checks and their errors are the stdlib's. What io_uring cannot send (a
 file that is not a regular file, io_uring unavailable) goes to the method that was there before,
 so the loop behaves as it did without install() (uvloop: NotImplementedError); with
 ``fallback=False`` uvloop raises SendfileNotAvailableError, as the stdlib documents. Every such
-case is counted by reason in ``install_statistics()``.
+case is counted by reason in ``install_statistics()``. In mode 'auto' a range of at most SMALL
+bytes is read and written by the loop's thread instead: below that a ring round trip costs more.
 
 One AsyncRing per loop, made on the first transfer from that loop's thread and closed by the
 loop's ``close()`` (hooked on the loop instance when the ring is made): transfers still running
@@ -176,7 +177,7 @@ def _sock_sendfile_method(native):
             if plan is _NOTHING:
                 return 0
             if plan.ring is None:
-                data = _read_small(plan, file, offset)
+                data = _read_small(plan, offset)
                 await self.sock_sendall(sock, data)
                 return _written_small(plan, file, offset, len(data))
             # a socket object spares the ring an fstat of the fd (uvloop's stand-in is not one)
@@ -215,7 +216,7 @@ def _uvloop_sendfile_method(stream_transports):
                     return 0
                 if type(plan) is not str:
                     if plan.ring is None:
-                        data = _read_small(plan, file, offset)
+                        data = _read_small(plan, offset)
                         transport.write(data)  # in order after what is buffered already
                         return _written_small(plan, file, offset, len(data))
                     return await _send_on_transport(self, transport, plan, sock.fileno(), file, offset)
@@ -349,7 +350,7 @@ def _fallback(reason):
         _fallbacks[reason] = _fallbacks.get(reason, 0) + 1
 
 
-def _read_small(plan, file, offset):
+def _read_small(plan, offset):
     """A small file's bytes, read by the loop's thread (from the page cache, as the stdlib's
     native sendfile also does on the loop's thread)."""
     return os.pread(plan.fd, plan.n, offset)
