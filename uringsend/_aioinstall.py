@@ -49,6 +49,10 @@ UNAVAILABLE = "io_uring unavailable"
 SMALL = 64 << 10
 
 _MISSING = object()
+try:
+    from ssl import SSLSocket as _SSLSocket
+except ImportError:  # Python built without ssl: no SSLSocket can exist
+    _SSLSocket = ()
 _FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
 _lock = threading.Lock()
 _patched = []             # (class, name, what its __dict__ held or _MISSING), in patch order
@@ -167,21 +171,25 @@ def _sock_sendfile_method(native):
                 raise ValueError("the socket must be non-blocking")
             _check_params(sock, file, offset, count)
             plan = _plan(self, file, offset, count)
-            if type(plan) is str:
-                _fallback(plan)
-                if not native and not fallback:
-                    raise asyncio.SendfileNotAvailableError(
-                        f"sendfile through io_uring is not available for socket {sock!r} and file "
-                        f"{file!r}: {plan}")
-                return await previous(self, sock, file, offset, count, fallback=fallback)
             if plan is _NOTHING:
                 return 0
-            if plan.ring is None:
+            if type(plan) is not str:
+                if plan.ring is not None:
+                    # a socket object spares the ring an fstat (uvloop's stand-in is not one)
+                    return await _send(plan, sock if type(sock) is socket.socket else sock.fileno(),
+                                       file, offset)
                 data = _read_small(plan, offset)
-                await self.sock_sendall(sock, data)
-                return _written_small(plan, file, offset, len(data))
-            # a socket object spares the ring an fstat of the fd (uvloop's stand-in is not one)
-            return await _send(plan, sock if type(sock) is socket.socket else sock.fileno(), file, offset)
+                if type(data) is not str:
+                    if data:
+                        await self.sock_sendall(sock, data)
+                    return _written_small(plan, file, offset, len(data))
+                plan = data
+            _fallback(plan)
+            if not native and not fallback:
+                raise asyncio.SendfileNotAvailableError(
+                    f"sendfile through io_uring is not available for socket {sock!r} and file "
+                    f"{file!r}: {plan}")
+            return await previous(self, sock, file, offset, count, fallback=fallback)
         sock_sendfile.__doc__ = previous.__doc__
         return sock_sendfile
     return make
@@ -205,22 +213,26 @@ def _uvloop_sendfile_method(stream_transports):
         async def sendfile(self, transport, file, offset=0, count=None, *, fallback=True):
             if transport.is_closing():
                 raise RuntimeError("Transport is closing")
-            reason = _transport_reason(transport)
-            if reason is None and type(transport) not in stream_transports:
-                reason = NO_STREAM_SOCKET
-            if reason is None:
+            if type(transport) in stream_transports:  # uvloop's TCP and UNIX stream transports
                 sock = transport.get_extra_info("socket")
+                reason = None if sock.family in _FAMILIES else NO_STREAM_SOCKET
+            else:
+                reason = _transport_reason(transport) or NO_STREAM_SOCKET
+            if reason is None:
                 _check_params(sock, file, offset, count)
                 plan = _plan(self, file, offset, count)
                 if plan is _NOTHING:
                     return 0
-                if type(plan) is not str:
-                    if plan.ring is None:
-                        data = _read_small(plan, offset)
+                if type(plan) is str:
+                    reason = plan
+                elif plan.ring is not None:
+                    return await _send_on_transport(self, transport, plan, sock.fileno(), file, offset)
+                else:
+                    data = _read_small(plan, offset)
+                    if type(data) is not str:
                         transport.write(data)  # in order after what is buffered already
                         return _written_small(plan, file, offset, len(data))
-                    return await _send_on_transport(self, transport, plan, sock.fileno(), file, offset)
-                reason = plan
+                    reason = data
             _fallback(reason)
             if not fallback:
                 raise asyncio.SendfileNotAvailableError(
@@ -234,7 +246,7 @@ def _uvloop_sendfile_method(stream_transports):
 # ---- checks -----------------------------------------------------------------------------------
 def _check_params(sock, file, offset, count):
     """The stdlib's checks for sock_sendfile, with its errors."""
-    if isinstance(sock, getattr(_ssl(), "SSLSocket", ())):
+    if isinstance(sock, _SSLSocket):
         raise TypeError("Socket cannot be of type SSLSocket")
     if "b" not in getattr(file, "mode", "b"):
         raise ValueError("file should be opened in binary mode")
@@ -249,14 +261,6 @@ def _check_params(sock, file, offset, count):
         raise TypeError(f"offset must be a non-negative integer (got {offset!r})")
     if offset < 0:
         raise ValueError(f"offset must be a non-negative integer (got {offset!r})")
-
-
-def _ssl():
-    try:
-        import ssl
-    except ImportError:  # Python built without it: no SSLSocket can exist
-        return None
-    return ssl
 
 
 def _transport_reason(transport):
@@ -288,16 +292,21 @@ def _plan(loop, file, offset, count):
     the reason to fall back (a str)."""
     try:
         fd = file.fileno()
-        st = os.fstat(fd)
     except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        return NOT_REGULAR
+    scope = _scope.get()
+    mode = _default["mode"] if scope is None or scope.mode is None else scope.mode
+    if mode == "auto" and count is not None and count <= SMALL:
+        return _Plan(fd, count, mode, scope, None)  # _read_small checks the file
+    try:
+        st = os.fstat(fd)
+    except OSError:
         return NOT_REGULAR
     if not stat.S_ISREG(st.st_mode):
         return NOT_REGULAR
     n = st.st_size - offset if count is None else min(count, st.st_size - offset)
     if n <= 0:
         return _NOTHING
-    scope = _scope.get()
-    mode = _default["mode"] if scope is None or scope.mode is None else scope.mode
     if mode == "auto" and n <= SMALL:
         return _Plan(fd, n, mode, scope, None)
     ring = _rings.get(loop)
@@ -351,18 +360,25 @@ def _fallback(reason):
 
 
 def _read_small(plan, offset):
-    """A small file's bytes, read by the loop's thread (from the page cache, as the stdlib's
-    native sendfile also does on the loop's thread)."""
-    return os.pread(plan.fd, plan.n, offset)
+    """A small range's bytes, read by the loop's thread (from the page cache, as the stdlib's
+    native sendfile also reads on the loop's thread), or the reason to fall back (a str): only a
+    regular file has both a position to read at and an end (pread fails or reads nothing else).
+    Nothing was sent when it falls back."""
+    try:
+        return os.pread(plan.fd, plan.n, offset)
+    except OSError:  # ESPIPE (pipe, socket, tty), EISDIR, EINVAL, ...
+        return NOT_REGULAR
 
 
 def _written_small(plan, file, offset, n):
     """After a small file's bytes were written: the socket copied them, so they are released."""
+    if not n:
+        return 0  # at or past the end: nothing sent, the position left alone
     with _lock:
         _counts["small_writes"] += 1
         _counts["small_bytes"] += n
     _seek(file, offset, n)
-    if plan.scope is not None and plan.scope.on_release is not None and n:
+    if plan.scope is not None and plan.scope.on_release is not None:
         plan.scope.on_release(Event(RELEASED, offset, n, True, time.perf_counter_ns()))
     return n
 
