@@ -3,6 +3,7 @@ selector loop and on uvloop. aiohttp's web.FileResponse serves real files to cur
 aiohttp clients; the stdlib's own behaviour is the reference for every check and error."""
 import asyncio
 import contextlib
+import errno
 import hashlib
 import http.client
 import os
@@ -20,7 +21,8 @@ from aiohttp import web
 import uringsend._aioinstall
 import uringsend.aio
 from uringsend.aio import install, install_statistics, sendfile_options, uninstall
-from uringsend._aioinstall import NOT_REGULAR, SMALL, TLS
+from uringsend._aioinstall import NOT_REGULAR, SMALL, TLS, UNAVAILABLE
+from _faults import block_io_uring, private_file, run_child
 from conftest import sha, tcp_pair
 
 LOOPS = ["asyncio", "uvloop"]
@@ -433,6 +435,35 @@ def test_cancelled_send_raises_and_leaves_nothing(kind, installed, make_file):
     assert counted["transfers"] == 1 and counted["errors"] == 1
     assert position == counted["bytes_sent"]
     assert install_statistics().rings == 0
+
+
+def child_without_io_uring():
+    """In a process whose seccomp filter fails io_uring_setup with EPERM: what sock_sendfile does
+    on each loop, and what was counted."""
+    block_io_uring(errno.EPERM)
+    install()
+    f, data = private_file(BIG)
+    out = {}
+    for kind in LOOPS:
+        async def main():
+            loop = asyncio.get_running_loop()
+            client, peer = nonblocking_tcp()
+            with client, peer:
+                try:
+                    sending = asyncio.ensure_future(loop.sock_sendfile(client, f, 0, BIG))
+                    got = await read_exactly(peer, BIG) if kind == "asyncio" else b""
+                    return [await sending, got == data]
+                except NotImplementedError:
+                    return "NotImplementedError"
+        out[kind] = run(kind, main)
+    out["fallbacks"] = dict(install_statistics().fallbacks)
+    return out
+
+
+def test_io_uring_unavailable_falls_back():
+    code, out, err = run_child(child_without_io_uring)
+    assert code == 0, err[-2000:]
+    assert out == {"asyncio": [BIG, True], "uvloop": "NotImplementedError", "fallbacks": {UNAVAILABLE: 2}}
 
 
 # ---- options and releases ----------------------------------------------------------------------
