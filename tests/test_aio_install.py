@@ -332,14 +332,15 @@ def test_sock_sendfile_at_or_past_the_end_sends_nothing(kind, installed, make_fi
     assert run(kind, main) == [0, 0, 123]
 
 
-BAD_CALLS = {  # (socket, binary file, text file, UDP socket) -> arguments
-    "count 0": lambda sock, f, text, udp: (sock, f, 0, 0),
-    "count -5": lambda sock, f, text, udp: (sock, f, 0, -5),
-    "count str": lambda sock, f, text, udp: (sock, f, 0, "5"),
-    "offset -1": lambda sock, f, text, udp: (sock, f, -1, None),
-    "offset float": lambda sock, f, text, udp: (sock, f, 1.5, None),
-    "text file": lambda sock, f, text, udp: (sock, text, 0, None),
-    "udp socket": lambda sock, f, text, udp: (udp, f, 0, None),
+BAD_CALLS = {  # (socket, binary file, text file, UDP socket, closed file) -> arguments
+    "count 0": lambda sock, f, text, udp, closed: (sock, f, 0, 0),
+    "count -5": lambda sock, f, text, udp, closed: (sock, f, 0, -5),
+    "count str": lambda sock, f, text, udp, closed: (sock, f, 0, "5"),
+    "offset -1": lambda sock, f, text, udp, closed: (sock, f, -1, None),
+    "offset float": lambda sock, f, text, udp, closed: (sock, f, 1.5, None),
+    "text file": lambda sock, f, text, udp, closed: (sock, text, 0, None),
+    "udp socket": lambda sock, f, text, udp, closed: (udp, f, 0, None),
+    "closed file": lambda sock, f, text, udp, closed: (sock, closed, 0, None),
 }
 
 
@@ -350,9 +351,11 @@ def _error_of(kind, name, path):
         client, peer = nonblocking_tcp()
         udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         udp.setblocking(False)
+        with open(path, "rb") as closed:
+            pass
         with client, peer, udp, open(path, "rb") as f, open(path, "r") as text:
             with pytest.raises((TypeError, ValueError)) as info:
-                await loop.sock_sendfile(*BAD_CALLS[name](client, f, text, udp))
+                await loop.sock_sendfile(*BAD_CALLS[name](client, f, text, udp, closed))
             return type(info.value), str(info.value)
     return run(kind, main)
 

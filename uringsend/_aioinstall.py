@@ -27,6 +27,7 @@ are cancelled and the ring is driven until the kernel released everything they u
 import asyncio
 import contextvars
 import dataclasses
+import io
 import os
 import socket
 import stat
@@ -292,7 +293,7 @@ def _plan(loop, file, offset, count):
     the reason to fall back (a str)."""
     try:
         fd = file.fileno()
-    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+    except (AttributeError, io.UnsupportedOperation):  # a closed file raises ValueError, as with the stdlib
         return NOT_REGULAR
     scope = _scope.get()
     mode = _default["mode"] if scope is None or scope.mode is None else scope.mode
