@@ -26,6 +26,8 @@ def parse(argv):
     p.add_argument("--install", action="store_true", help="uringsend.aio.install() before serving")
     p.add_argument("--mode", choices=MODES, default="auto", help="install()'s mode (with --install)")
     args = p.parse_args(argv)
+    if args.mode != "auto" and not args.install:
+        p.error("--mode applies to --install")
     if not args.root.is_dir():
         p.error(f"--root {args.root} is not a directory")
     if os.environ.get("AIOHTTP_NOSENDFILE"):
@@ -43,7 +45,7 @@ def make_app(root):
         return web.FileResponse(os.path.join(root, *parts))  # FileResponse answers 404 itself
 
     app = web.Application()
-    app.router.add_route("GET", "/{path:.*}", serve)  # GET routes answer HEAD as well
+    app.router.add_get("/{path:.*}", serve)  # answers HEAD as well
     return app
 
 

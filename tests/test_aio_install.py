@@ -11,6 +11,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 
 import aiohttp
 import aiohttp.web_fileresponse
@@ -18,7 +19,6 @@ import pytest
 import uvloop
 from aiohttp import web
 
-import uringsend._aioinstall
 import uringsend.aio
 from uringsend.aio import install, install_statistics, sendfile_options, uninstall
 from uringsend._aioinstall import NOT_REGULAR, SMALL, TLS, UNAVAILABLE
@@ -551,12 +551,29 @@ def test_aiohttp_handler_with_options(kind, installed, tmp_path):
     assert counted["transfers"] == 2 and counted["bytes_sent"] == 2 * len(data)
 
 
-def test_options_apply_until_the_block_ends():
-    with sendfile_options(mode="splice") as outer:
-        with sendfile_options(mode="copy") as inner:
-            assert uringsend._aioinstall._scope.get() is inner
-        assert uringsend._aioinstall._scope.get() is outer
-    assert uringsend._aioinstall._scope.get() is None
+@pytest.mark.parametrize("kind", LOOPS)
+def test_options_apply_until_the_block_ends(kind, installed, make_file):
+    """Nested blocks: each call reports to the innermost block's callback, none after the last."""
+    path, data = make_file(3000)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        client, peer = nonblocking_tcp()
+        heard = {"outer": [], "inner": []}
+
+        async def send(n):
+            await loop.sock_sendfile(client, f, 0, n)
+            await read_exactly(peer, n)
+
+        with client, peer, open(path, "rb") as f:
+            with sendfile_options(on_release=heard["outer"].append):
+                with sendfile_options(on_release=heard["inner"].append):
+                    await send(100)
+                await send(200)
+            await send(300)
+        return {name: [e.nbytes for e in events] for name, events in heard.items()}
+
+    assert run(kind, main) == {"outer": [200], "inner": [100]}
 
 
 def test_options_reject_unknown_modes():
@@ -619,3 +636,28 @@ def test_without_install_nothing_changes(kind, make_file):
 def test_exported_from_uringsend_aio():
     for name in ("install", "uninstall", "sendfile_options", "install_statistics"):
         assert callable(getattr(uringsend.aio, name))
+
+
+@pytest.mark.parametrize("args", [["--loop", "uvloop", "--install"], ["--loop", "asyncio"]])
+def test_bench_aiohttp_server_script(args, tmp_path):
+    """The interface the HTTP benchmark launches: 'ready <port>' once listening, files served with
+    FileResponse (GET and HEAD), a clean exit on SIGTERM."""
+    data = os.urandom(BIG)
+    (tmp_path / "f.bin").write_bytes(data)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "AIOHTTP_NOSENDFILE"}
+    proc = subprocess.Popen([sys.executable, "-m", "bench.aiohttp_server", "--root", str(tmp_path), "--port", "0",
+                             *args], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("ready "), proc.stderr.read()
+        port = int(line.split()[1])
+        replies = fetch(port, [("GET", "/f.bin", {}), ("HEAD", "/f.bin", {}), ("GET", "/../etc/passwd", {})])
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    (s1, _, b1), (s2, h2, b2), (s3, _, _) = replies
+    assert (s1, sha(b1), s2, h2["Content-Length"], b2, s3) == (200, sha(data), 200, str(BIG), b"", 404)
+    if "--install" in args:
+        assert "1 transfers" in err
