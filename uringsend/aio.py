@@ -1,10 +1,13 @@
 """asyncio integration: transfers driven by the event loop, woken by an eventfd.
 
 The ring signals an eventfd (io_uring_register_eventfd) when completions are ready. The loop
-watches it; on each wake, and once after every submission (a send can complete inline, before any
-signal is read), it reads the eventfd first, so a signal raised while reaping is never lost, then
-reaps until the ring is empty and resolves the waiters. Submission and reaping stay on the loop's
-thread, which owns the ring.
+watches it; on each wake, and once after every submission that did not settle inside the call (a
+step can complete inline, before any signal is read), it reads the eventfd first, so a signal
+raised while reaping is never lost, then reaps until the ring is empty and resolves the waiters.
+Submission and reaping stay on the loop's thread, which owns the ring.
+
+``install()`` (in ``_aioinstall``, exported here) puts a ring per loop under ``loop.sendfile()``
+and ``loop.sock_sendfile()`` for servers that already call them (docs/asyncio.md).
 
 Rings here are set up without DEFER_TASKRUN. With it the eventfd does fire (when deferred work is
 queued), but a GETEVENTS that does not wait, the only kind an event loop may make, runs at most 20
