@@ -1,10 +1,13 @@
 """asyncio integration: transfers driven by the event loop, woken by an eventfd.
 
 The ring signals an eventfd (io_uring_register_eventfd) when completions are ready. The loop
-watches it; on each wake, and once after every submission (a send can complete inline, before any
-signal is read), it reads the eventfd first, so a signal raised while reaping is never lost, then
-reaps until the ring is empty and resolves the waiters. Submission and reaping stay on the loop's
-thread, which owns the ring.
+watches it; on each wake, and once after every submission that did not settle inside the call (a
+step can complete inline, before any signal is read), it reads the eventfd first, so a signal
+raised while reaping is never lost, then reaps until the ring is empty and resolves the waiters.
+Submission and reaping stay on the loop's thread, which owns the ring.
+
+``install()`` (in ``_aioinstall``, exported here) puts a ring per loop under ``loop.sendfile()``
+and ``loop.sock_sendfile()`` for servers that already call them (docs/asyncio.md).
 
 Rings here are set up without DEFER_TASKRUN. With it the eventfd does fire (when deferred work is
 queued), but a GETEVENTS that does not wait, the only kind an event loop may make, runs at most 20
@@ -103,11 +106,25 @@ class AsyncRing:
             # called by the reaper's polls (or at once, for what already happened)
             transfer.add_done_callback(self._done)
             transfer.add_settled_callback(self._settled)
-        self._schedule_reap()
+            self._schedule_reap()
+        # A transfer that settled inside the call needs no reap of its own: the completions it
+        # posted signalled the eventfd, which wakes the loop for anything they left behind.
         return handle
 
     def statistics(self):
         return self.ring.statistics()
+
+    def close(self, timeout=None):
+        """Close from the loop's thread while the loop is not running (``loop.close()`` does this
+        for the rings of ``install()``): running transfers are cancelled and the ring is driven,
+        blocking, until the kernel released everything or ``timeout`` (default the ring's
+        ``close_timeout``) passed; memory still held then is kept alive, never freed."""
+        if self.ring.closed:
+            return
+        if self._loop.is_running():
+            raise RuntimeError("close() blocks: use 'await ring.aclose()' while the loop runs")
+        self._closing = True
+        self._teardown(self.ring.close_timeout if timeout is None else timeout)
 
     async def aclose(self, timeout=None):
         """Cancel running transfers and wait (at most ``timeout``, default the ring's
@@ -128,7 +145,7 @@ class AsyncRing:
                 except asyncio.TimeoutError:
                     pass
         finally:
-            self._teardown()
+            self._teardown(0)
 
     # ---- reaping -----------------------------------------------------------------------------
     def _schedule_reap(self):
@@ -171,11 +188,15 @@ class AsyncRing:
     def _quiet(self):
         return not self._active and self.ring.driver.idle()
 
-    def _teardown(self):
-        self._loop.remove_reader(self._efd)
-        self.ring.close_timeout = 0  # aclose() waited already: what is left is kept alive
-        self.ring.close()
-        os.close(self._efd)
+    def _teardown(self, timeout):
+        """Close the ring (cancelling what runs, then waiting at most ``timeout`` s for the
+        kernel's completions and notifications: what is left is kept alive), then the eventfd."""
+        try:
+            self.ring.close_timeout = timeout
+            self.ring.close()
+        finally:
+            self._loop.remove_reader(self._efd)
+            os.close(self._efd)
         for transfer, handle in self._active.items():
             for waiters, ready in ((handle._done_waiters, transfer.done()),
                                    (handle._settled_waiters, transfer.settled())):
@@ -284,3 +305,10 @@ async def sendfile(sock, file, offset=0, count=None, *, mode="auto", headers=Non
     finally:
         if own:
             await ring.aclose()
+
+
+from ._aioinstall import (  # noqa: E402 - install() makes AsyncRings: defined above
+    InstallStatistics, SendfileScope, install, install_statistics, sendfile_options, uninstall)
+
+__all__ = ["AsyncRing", "AsyncTransfer", "sendfile", "install", "uninstall", "sendfile_options",
+           "install_statistics", "InstallStatistics", "SendfileScope"]
