@@ -139,7 +139,8 @@ class _Connection(asyncio.Protocol):
         self.refused = False
         # the request being parsed
         self._in_head = False
-        self._head = 0            # bytes of its head seen so far
+        self._head = 0            # bytes of its head's completed parts (target, fields)
+        self._spill = 0           # bytes received after its first chunk, while it was incomplete
         self._fields = 0
         self._target = b""
         self._wanted = None
@@ -182,23 +183,22 @@ class _Connection(asyncio.Protocol):
             return  # read and dropped until the answer so far is out and the connection closes
         if not self._in_head and data[:4] == b"\r\n\r\n":
             self._fail(_Reject(400, close=True))  # one empty line before a request is tolerated
+            self._run()
             return
         if self._in_head:
-            self._head += len(data)
+            self._spill += len(data)  # all of it continues this head, or this head ends in it
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:
-            reject = exc.__context__
-            self._fail(reject if isinstance(reject, _Reject) else _Reject(400, close=True))
-            return
-        except httptools.HttpParserError:
-            self._fail(_Reject(400, close=True))
+        except httptools.HttpParserError as exc:
+            if not self.ended:  # llhttp refuses what follows a request that closes: not an error
+                reject = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else None
+                self._fail(reject if isinstance(reject, _Reject) else _Reject(400, close=True))
+            self._run()
             return
         except httptools.HttpParserUpgrade:
             self.ended = True  # answered without switching protocols (the request has close set)
-        if self._in_head and self._head > self.server.max_head:
-            self._fail(_Reject(431, close=True))
-            return
+        if self._in_head and self._spill > self.server.max_head:
+            self._fail(_Reject(431, close=True))  # a field that does not end: llhttp would keep it all
         if len(self.queue) >= MAX_PIPELINED and not self.reading_paused:
             self.reading_paused = True
             self.transport.pause_reading()
@@ -222,6 +222,7 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self):
         self._in_head = True
         self._head = 0
+        self._spill = 0
         self._fields = 0
         self._target = b""
         self._wanted = {}
@@ -274,7 +275,6 @@ class _Connection(asyncio.Protocol):
         self.ended = True
         self._in_head = False
         self.queue.append(_Request(None, None, False, None, reject))
-        self._run()
 
     def _run(self):
         """Answer queued requests while nothing is in flight and the transport's buffer is empty."""
