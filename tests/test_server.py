@@ -1,7 +1,7 @@
 """The static-file HTTP server, fetched by real clients (curl, http.client, raw sockets): exact
 bodies, ranges, HEAD, keep-alive, validators and conditional requests, request targets and framing,
-and every safety case (nothing outside the served directory is
-ever opened, let alone read; limits and timeouts; clients that stall or vanish mid-body)."""
+and every safety case (nothing outside the served directory is ever opened, let alone read; limits
+and timeouts; clients that stall or vanish mid-body)."""
 import asyncio
 import ctypes
 import email.utils

@@ -129,7 +129,6 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.queue = collections.deque()
         self.transfer = None      # the response being sent, if any
-        self.task = None          # the task waiting for it
         self.progress = None
         self.since = 0.0          # start of the current wait (for a request, or for send progress)
         self.writing_paused = False
@@ -300,7 +299,8 @@ class _Connection(asyncio.Protocol):
         self.transfer = transfer
         self.progress = None
         self.since = self.server._loop.time()
-        self.task = self.server._loop.create_task(self._finish(transfer, keep_alive))
+        task = self.server._loop.create_task(self._finish(transfer, keep_alive))
+        self.server._inflight[task] = transfer
 
     async def _finish(self, transfer, keep_alive):
         try:
@@ -311,7 +311,7 @@ class _Connection(asyncio.Protocol):
                 self.transport.abort()
         finally:
             self.transfer = None
-            self.task = None
+            del self.server._inflight[asyncio.current_task()]
         if self.transport is None:
             return
         if not keep_alive:
@@ -355,6 +355,7 @@ class FileServer:
         self._connections = set()
         self._refusing = 0      # of those, connections answered 503
         self._all_gone = None   # resolved when the last connection is lost (aclose)
+        self._inflight = {}     # task -> the transfer it waits for (also of connections lost since)
         self._loop = None
         self._aring = None
         self._server = None
@@ -396,7 +397,7 @@ class FileServer:
             return
         self._sweeper.cancel()
         self._server.close()
-        tasks = [conn.task for conn in self._connections if conn.task is not None]
+        tasks = list(self._inflight)
         if self._connections:
             self._all_gone = self._loop.create_future()
         for conn in list(self._connections):
@@ -404,6 +405,8 @@ class FileServer:
                 _reset(conn)
             else:
                 conn.transport.abort()
+        for transfer in self._inflight.values():
+            transfer.cancel()  # responses whose connection is gone already
         if tasks:
             await asyncio.wait(tasks)
         if self._all_gone is not None:
@@ -483,7 +486,11 @@ class FileServer:
                 return keep_alive
             if self._blocking_reads:
                 fcntl.fcntl(fd, fcntl.F_SETFL, 0)  # opened O_NONBLOCK against FIFOs; reads must block
-            transfer = self._aring.sendfile(conn.sock, fd, start, count, mode=self.mode, header=head)
+            try:
+                transfer = self._aring.sendfile(conn.sock, fd, start, count, mode=self.mode, header=head)
+            except OSError:  # not started (out of fds or memory): nothing of it was sent
+                transport.write(self._error_head(500, False, head_only))
+                return False
         finally:
             os.close(fd)  # the transfer holds the file on its own
         if not transfer.done:
