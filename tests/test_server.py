@@ -841,3 +841,75 @@ def test_head_size_limit_counts_each_byte_once(tree):
             except (BrokenPipeError, ConnectionResetError):
                 pass
             assert sent < 8 << 20
+
+
+# ---- files kept open between requests ------------------------------------------------------------
+def test_a_path_served_again_follows_what_it_names_now(tree):
+    """The server keeps served files open for the next request of the same path; each request
+    still gets what the path names at that moment: a file rewritten in place, replaced by a
+    rename, deleted; a symlink retargeted inside, or outside (403, and the outside file is never
+    opened); a directory's index page replaced."""
+    www, _ = tree
+    base = www.parent
+    (www / "live").mkdir()
+    path, link = www / "live" / "data.bin", www / "live" / "link.bin"
+    first, second, third = os.urandom(3000), os.urandom(5000), os.urandom(7000)
+    path.write_bytes(first)
+    (www / "live" / "other.bin").write_bytes(second)
+    os.symlink("data.bin", link)
+    (www / "live" / "index.html").write_bytes(b"one\n")
+    watch = Inotify(base / "secret.txt")
+    try:
+        with ServerThread(www) as srv:
+            assert fetch(srv.port, "/live/data.bin")[2] == first
+            assert fetch(srv.port, "/live/link.bin")[2] == first
+            assert fetch(srv.port, "/live/")[2] == b"one\n"
+            assert srv.statistics()["open_files"] == 3
+            with open(path, "r+b") as f:                       # in place: same inode
+                f.write(b"X" * 10)
+                f.write(os.urandom(6000))
+            status, headers, body = fetch(srv.port, "/live/data.bin")
+            assert status == 200 and body == path.read_bytes() and headers["Content-Length"] == "6010"
+            tmp = www / "live" / "new.tmp"
+            tmp.write_bytes(third)
+            os.replace(tmp, path)                                # renamed over: another inode
+            assert fetch(srv.port, "/live/data.bin")[2] == third
+            assert fetch(srv.port, "/live/link.bin")[2] == third
+            os.unlink(link)
+            os.symlink("other.bin", link)                        # retargeted inside
+            assert fetch(srv.port, "/live/link.bin")[2] == second
+            os.unlink(link)
+            os.symlink("../../secret.txt", link)                 # retargeted outside
+            got = raw(srv.port, b"GET /live/link.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert status_of(got) == 403 and SECRET not in got
+            (www / "live" / "index.tmp").write_bytes(b"two\n")
+            os.replace(www / "live" / "index.tmp", www / "live" / "index.html")
+            assert fetch(srv.port, "/live/")[2] == b"two\n"
+            path.unlink()
+            assert fetch(srv.port, "/live/data.bin")[0] == 404
+        assert watch.events() == b"", "the server opened or read a file outside its directory"
+    finally:
+        watch.close()
+        shutil.rmtree(www / "live")
+
+
+def test_files_kept_open_are_bounded(tree):
+    from uringsend.server import OPEN_FILES
+    www, _ = tree
+    (www / "many").mkdir()
+    try:
+        for i in range(OPEN_FILES + 10):
+            (www / "many" / f"{i}.txt").write_bytes(b"%d\n" % i)
+        with ServerThread(www) as srv:
+            conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+            try:
+                for i in range(OPEN_FILES + 10):
+                    conn.request("GET", f"/many/{i}.txt")
+                    assert conn.getresponse().read() == b"%d\n" % i
+                conn.request("GET", "/many/0.txt")  # dropped as the oldest: opened again
+                assert conn.getresponse().read() == b"0\n"
+            finally:
+                conn.close()
+            assert srv.statistics()["open_files"] == OPEN_FILES
+    finally:
+        shutil.rmtree(www / "many")

@@ -46,6 +46,7 @@ IDLE_TIMEOUT = 15.0       # waiting for (the rest of) a request head
 SEND_TIMEOUT = 30.0       # a response that makes no progress
 MAX_CONNECTIONS = 512
 MAX_PIPELINED = 64        # parsed requests held per connection before it stops reading
+OPEN_FILES = 64           # files kept open for the next request that names them
 
 _REASONS = {200: "OK", 206: "Partial Content", 304: "Not Modified", 400: "Bad Request", 403: "Forbidden",
             404: "Not Found", 405: "Method Not Allowed", 412: "Precondition Failed",
@@ -99,6 +100,19 @@ class _Beneath:
 
     def close(self):
         os.close(self.dir_fd)
+
+
+class _OpenFile:
+    """A file kept open for the request path that named it; ``path``: what that path resolved to
+    (the directory's index.html for a directory), relative to the root."""
+
+    __slots__ = ("fd", "identity", "ctype", "path")
+
+    def __init__(self, fd, st, ctype, path):
+        self.fd = fd
+        self.identity = (st.st_ino, st.st_dev, st.st_mode, st.st_uid, st.st_gid)
+        self.ctype = ctype
+        self.path = path
 
 
 class _Request:
@@ -356,6 +370,7 @@ class FileServer:
         self._refusing = 0      # of those, connections answered 503
         self._all_gone = None   # resolved when the last connection is lost (aclose)
         self._inflight = {}     # task -> the transfer it waits for (also of connections lost since)
+        self._files = {}        # request path -> _OpenFile, oldest first
         self._loop = None
         self._aring = None
         self._server = None
@@ -374,7 +389,8 @@ class FileServer:
     def statistics(self):
         """Counters of the server and of its ring."""
         return {"accepted": self.accepted, "refused": self.refused, "requests": self.requests,
-                "connections": len(self._connections) - self._refusing, "ring": self._aring.statistics()}
+                "connections": len(self._connections) - self._refusing, "open_files": len(self._files),
+                "ring": self._aring.statistics()}
 
     async def start(self, host="127.0.0.1", port=8080):
         self._loop = loop = asyncio.get_running_loop()
@@ -413,6 +429,9 @@ class FileServer:
             await self._all_gone
         await self._server.wait_closed()
         await self._aring.aclose()
+        for entry in self._files.values():
+            os.close(entry.fd)
+        self._files.clear()
         self._beneath.close()
         self._server = None
 
@@ -457,7 +476,7 @@ class FileServer:
                 raise request.error
             if not head_only and method != b"GET":
                 raise _Reject(405)
-            fd, st, ctype = self._open(request.target)
+            fd, st, ctype = self._open(request.target)  # fd: the open-file cache's
         except _Reject as exc:
             keep_alive = keep_alive and not exc.close
             transport.write(self._error_head(exc.status, keep_alive, head_only))
@@ -484,15 +503,10 @@ class FileServer:
             if head_only or count == 0:
                 transport.write(head)
                 return keep_alive
-            if self._blocking_reads:
-                fcntl.fcntl(fd, fcntl.F_SETFL, 0)  # opened O_NONBLOCK against FIFOs; reads must block
-            try:
-                transfer = self._aring.sendfile(conn.sock, fd, start, count, mode=self.mode, header=head)
-            except OSError:  # not started (out of fds or memory): nothing of it was sent
-                transport.write(self._error_head(500, False, head_only))
-                return False
-        finally:
-            os.close(fd)  # the transfer holds the file on its own
+            transfer = self._aring.sendfile(conn.sock, fd, start, count, mode=self.mode, header=head)
+        except OSError:  # not started (out of fds or memory): nothing of it was sent
+            transport.write(self._error_head(500, False, head_only))
+            return False
         if not transfer.done:
             conn._started(transfer, keep_alive)
             return True
@@ -501,11 +515,20 @@ class FileServer:
         return keep_alive
 
     def _open(self, target):
-        """Open the regular file ``target`` names inside the root -> (fd, stat, content type).
+        """The regular file ``target`` names inside the root -> (fd, stat, content type); the fd
+        belongs to the open-file cache (a transfer holds the file on its own).
         ``target``: origin-form (``/path?query``) or absolute-form (``http://host/path``; the
-        host is not looked at: every name serves the same directory)."""
+        host is not looked at: every name serves the same directory).
+
+        A path served before is looked up with one stat instead of an open: when it still names
+        the very file kept open (same device and inode, same mode and owner), that fd serves. A
+        stat cannot open or read anything, and a path that now leads elsewhere (renamed over,
+        deleted, a symlink retargeted, even outside) finds another inode and goes through the
+        full open below, containment checks and all."""
         if target[:1] == b"/":
-            path = target.partition(b"?")[0].partition(b"#")[0]
+            path = target.partition(b"?")[0]
+            if b"#" in path:
+                path = path.partition(b"#")[0]
         elif target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
             try:
                 url = httptools.parse_url(target)
@@ -516,7 +539,20 @@ class FileServer:
             path = url.path or b"/"
         else:
             raise _Reject(400, close=True)
-        path = urllib.parse.unquote_to_bytes(path)
+        files = self._files
+        entry = files.get(path)  # keyed by the path as requested: it always decodes the same
+        if entry is not None:
+            try:
+                st = os.stat(entry.path, dir_fd=self._beneath.dir_fd)
+            except OSError:
+                st = None
+            if st is not None and (st.st_ino, st.st_dev, st.st_mode, st.st_uid, st.st_gid) == entry.identity:
+                return entry.fd, st, entry.ctype
+            del files[path]
+            os.close(entry.fd)
+        key = path
+        if b"%" in path:
+            path = urllib.parse.unquote_to_bytes(path)
         if b"\0" in path:
             raise _Reject(400)
         parts = [p for p in path.split(b"/") if p and p != b"."]
@@ -525,13 +561,20 @@ class FileServer:
         fd, st, path = self._open_inside(parts)
         if stat.S_ISDIR(st.st_mode):
             os.close(fd)
-            fd, st, path = self._open_inside(parts + [b"index.html"])
+            parts = parts + [b"index.html"]
+            fd, st, path = self._open_inside(parts)
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise _Reject(404)
         name = path.rpartition(b"/")[2]
         dot = name.rfind(b".")
-        return fd, st, _content_type(name[dot:] if dot > 0 else b"")
+        ctype = _content_type(name[dot:] if dot > 0 else b"")
+        if self._blocking_reads:
+            fcntl.fcntl(fd, fcntl.F_SETFL, 0)  # opened O_NONBLOCK against FIFOs; reads must block
+        if len(files) >= OPEN_FILES:
+            os.close(files.pop(next(iter(files))).fd)  # the oldest
+        files[key] = _OpenFile(fd, st, ctype, b"/".join(parts))
+        return fd, st, ctype
 
     def _open_inside(self, parts):
         """Open root/parts only if it resolves to a file inside the root -> (fd, stat, path).
