@@ -181,11 +181,18 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _wait_listening(port, proc, what, timeout=15.0):
+def _last_words(stderr):
+    """The last line a server wrote to its stderr file."""
+    stderr.seek(0)
+    lines = stderr.read().decode(errors="replace").strip().splitlines()
+    return lines[-1] if lines else "(nothing on stderr)"
+
+
+def _wait_listening(port, proc, stderr, what, timeout=15.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"{what} exited with status {proc.returncode}: {proc.stderr.read()[-2000:]}")
+            raise SystemExit(f"{what} exited with status {proc.returncode}: {_last_words(stderr)}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
@@ -194,7 +201,7 @@ def _wait_listening(port, proc, what, timeout=15.0):
     raise SystemExit(f"{what} did not listen on port {port} within {timeout} s")
 
 
-def _wait_ready(proc, what, timeout=30.0):
+def _wait_ready(proc, stderr, what, timeout=30.0):
     """The port from the server's ``ready <port>`` line."""
     deadline = time.monotonic() + timeout
     line = ""
@@ -207,10 +214,12 @@ def _wait_ready(proc, what, timeout=30.0):
         line += chunk
     match = re.match(r"ready (\d+)\n", line)
     if not match:
-        proc.kill()
-        proc.wait()
-        raise SystemExit(f"{what} did not say `ready <port>` within {timeout} s: {line!r} "
-                         f"{proc.stderr.read()[-2000:]}")
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+            raise SystemExit(f"{what} did not say `ready <port>` within {timeout} s ({line!r}): "
+                             f"{_last_words(stderr)}")
+        raise SystemExit(f"{what} exited with status {proc.returncode}: {_last_words(stderr)}")
     return int(match.group(1))
 
 
@@ -219,13 +228,19 @@ class Server:
     def __init__(self, name, argv, port, cpu, ready_line=False, stop_signal=signal.SIGINT):
         self.name = name
         self.stop_signal = stop_signal
-        self.proc = subprocess.Popen(argv, preexec_fn=_pin(cpu), cwd=REPO, text=True, stderr=subprocess.PIPE,
+        # stderr goes to a file: a pipe nobody reads could fill up and stall the server
+        self.stderr = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(argv, preexec_fn=_pin(cpu), cwd=REPO, stderr=self.stderr,
                                      stdout=subprocess.PIPE if ready_line else subprocess.DEVNULL)
-        if ready_line:
-            self.port = _wait_ready(self.proc, name)
-        else:
-            self.port = port
-            _wait_listening(port, self.proc, name)
+        try:
+            if ready_line:
+                self.port = _wait_ready(self.proc, self.stderr, name)
+            else:
+                self.port = port
+                _wait_listening(port, self.proc, self.stderr, name)
+        except SystemExit:
+            self.stop()
+            raise
         self.ps = psutil.Process(self.proc.pid)
 
     def cpu_seconds(self):
@@ -248,9 +263,9 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self.stderr.close()
 
 
 def start_uringsend(root, cpu, mode, profile=None):
