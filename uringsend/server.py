@@ -60,6 +60,8 @@ _FIELDS = frozenset((b"host", b"connection", b"content-length", b"transfer-encod
                      b"if-match", b"if-none-match", b"if-modified-since", b"if-unmodified-since",
                      b"if-range"))
 _LISTS = frozenset((b"connection", b"if-match", b"if-none-match"))  # repeated lines join with ", "
+_CONDITIONS = frozenset((b"range", b"if-match", b"if-none-match", b"if-modified-since",
+                         b"if-unmodified-since", b"if-range"))
 _ENTITY_TAG = re.compile(rb'[ \t]*(W/)?("[\x21\x23-\x7e\x80-\xff]*")[ \t]*(?:,|$)')
 
 
@@ -106,25 +108,28 @@ class _OpenFile:
     """A file kept open for the request path that named it; ``path``: what that path resolved to
     (the directory's index.html for a directory), relative to the root."""
 
-    __slots__ = ("fd", "identity", "ctype", "path")
+    __slots__ = ("fd", "identity", "ctype", "path", "head", "head_key")
 
     def __init__(self, fd, st, ctype, path):
         self.fd = fd
         self.identity = (st.st_ino, st.st_dev, st.st_mode, st.st_uid, st.st_gid)
         self.ctype = ctype
         self.path = path
+        self.head = None        # the last 200 head built for this file, and what it depends on
+        self.head_key = None
 
 
 class _Request:
     """One parsed request head."""
 
-    __slots__ = ("method", "target", "keep_alive", "fields", "error")
+    __slots__ = ("method", "target", "keep_alive", "fields", "plain", "error")
 
-    def __init__(self, method, target, keep_alive, fields, error=None):
+    def __init__(self, method, target, keep_alive, fields, plain=True, error=None):
         self.method = method
         self.target = target
         self.keep_alive = keep_alive
         self.fields = fields
+        self.plain = plain      # no range and no condition: the whole file
         self.error = error      # a _Reject found while parsing: answered in turn, then the end
 
 
@@ -157,6 +162,7 @@ class _Connection(asyncio.Protocol):
         self._fields = 0
         self._target = b""
         self._wanted = None
+        self._plain = True
         self._request = None
 
     # ---- transport events --------------------------------------------------------------------
@@ -239,6 +245,7 @@ class _Connection(asyncio.Protocol):
         self._fields = 0
         self._target = b""
         self._wanted = {}
+        self._plain = True
 
     def on_url(self, url):
         self._target += url
@@ -253,6 +260,8 @@ class _Connection(asyncio.Protocol):
             raise _Reject(431, close=True)
         name = name.lower()
         if name in _FIELDS:
+            if name in _CONDITIONS:
+                self._plain = False
             wanted = self._wanted
             if name in wanted:
                 if name not in _LISTS:
@@ -272,7 +281,7 @@ class _Connection(asyncio.Protocol):
         if version == "1.1" and b"host" not in wanted:
             raise _Reject(400, close=True)
         keep_alive = parser.should_keep_alive() and not parser.should_upgrade()
-        self._request = _Request(parser.get_method(), self._target, keep_alive, wanted)
+        self._request = _Request(parser.get_method(), self._target, keep_alive, wanted, self._plain)
 
     def on_message_complete(self):
         request = self._request
@@ -287,7 +296,7 @@ class _Connection(asyncio.Protocol):
         self.server.requests += 1
         self.ended = True
         self._in_head = False
-        self.queue.append(_Request(None, None, False, None, reject))
+        self.queue.append(_Request(None, None, False, None, error=reject))
 
     def _run(self):
         """Answer queued requests while nothing is in flight and the transport's buffer is empty."""
@@ -476,34 +485,42 @@ class FileServer:
                 raise request.error
             if not head_only and method != b"GET":
                 raise _Reject(405)
-            fd, st, ctype = self._open(request.target)  # fd: the open-file cache's
+            entry, st = self._open(request.target)  # entry.fd belongs to the open-file cache
         except _Reject as exc:
             keep_alive = keep_alive and not exc.close
             transport.write(self._error_head(exc.status, keep_alive, head_only))
             return keep_alive
         try:
             size = st.st_size
-            mtime = int(st.st_mtime)
-            etag = f'"{st.st_ino:x}-{st.st_mtime_ns:x}-{size:x}"'
-            fields = request.fields
-            status = _precondition(fields, etag, mtime) if fields else None
-            if status is None:
-                if b"range" in fields and not head_only and _if_range(fields.get(b"if-range"), etag, mtime):
-                    status, start, count, extra = _range(fields[b"range"], size)
-                else:
-                    status, start, count, extra = 200, 0, size, ""
-            if status == 304:
-                transport.write(self._not_modified(etag, keep_alive))
-                return keep_alive
-            if status == 412 or status == 416:
-                extra = f"Content-Range: bytes */{size}\r\n" if status == 416 else ""
-                transport.write(self._error_head(status, keep_alive, head_only, extra))
-                return keep_alive
-            head = self._head(status, ctype, count, mtime, etag, extra, keep_alive)
+            if request.plain:  # the common case: the whole file, its head reused within a second
+                start, count = 0, size
+                key = (st.st_mtime_ns, size, keep_alive, self._http_date())
+                if entry.head_key != key:
+                    entry.head = self._head(200, entry.ctype, size, st, "", keep_alive)
+                    entry.head_key = key
+                head = entry.head
+            else:
+                mtime = int(st.st_mtime)
+                etag = _etag(st)
+                fields = request.fields
+                status = _precondition(fields, etag, mtime)
+                if status is None:
+                    if b"range" in fields and not head_only and _if_range(fields.get(b"if-range"), etag, mtime):
+                        status, start, count, extra = _range(fields[b"range"], size)
+                    else:
+                        status, start, count, extra = 200, 0, size, ""
+                if status == 304:
+                    transport.write(self._not_modified(etag, keep_alive))
+                    return keep_alive
+                if status == 412 or status == 416:
+                    extra = f"Content-Range: bytes */{size}\r\n" if status == 416 else ""
+                    transport.write(self._error_head(status, keep_alive, head_only, extra))
+                    return keep_alive
+                head = self._head(status, entry.ctype, count, st, extra, keep_alive)
             if head_only or count == 0:
                 transport.write(head)
                 return keep_alive
-            transfer = self._aring.sendfile(conn.sock, fd, start, count, mode=self.mode, header=head)
+            transfer = self._aring.sendfile(conn.sock, entry.fd, start, count, mode=self.mode, header=head)
         except OSError:  # not started (out of fds or memory): nothing of it was sent
             transport.write(self._error_head(500, False, head_only))
             return False
@@ -515,8 +532,8 @@ class FileServer:
         return keep_alive
 
     def _open(self, target):
-        """The regular file ``target`` names inside the root -> (fd, stat, content type); the fd
-        belongs to the open-file cache (a transfer holds the file on its own).
+        """The regular file ``target`` names inside the root -> (_OpenFile, stat); its fd belongs
+        to the open-file cache (a transfer holds the file on its own).
         ``target``: origin-form (``/path?query``) or absolute-form (``http://host/path``; the
         host is not looked at: every name serves the same directory).
 
@@ -547,7 +564,7 @@ class FileServer:
             except OSError:
                 st = None
             if st is not None and (st.st_ino, st.st_dev, st.st_mode, st.st_uid, st.st_gid) == entry.identity:
-                return entry.fd, st, entry.ctype
+                return entry, st
             del files[path]
             os.close(entry.fd)
         key = path
@@ -573,8 +590,8 @@ class FileServer:
             fcntl.fcntl(fd, fcntl.F_SETFL, 0)  # opened O_NONBLOCK against FIFOs; reads must block
         if len(files) >= OPEN_FILES:
             os.close(files.pop(next(iter(files))).fd)  # the oldest
-        files[key] = _OpenFile(fd, st, ctype, b"/".join(parts))
-        return fd, st, ctype
+        entry = files[key] = _OpenFile(fd, st, ctype, b"/".join(parts))
+        return entry, st
 
     def _open_inside(self, parts):
         """Open root/parts only if it resolves to a file inside the root -> (fd, stat, path).
@@ -631,11 +648,11 @@ class FileServer:
             self._date = (now, email.utils.formatdate(now, usegmt=True))
         return self._date[1]
 
-    def _head(self, status, ctype, length, mtime, etag, extra, keep_alive):
+    def _head(self, status, ctype, length, st, extra, keep_alive):
         return (f"HTTP/1.1 {status} {_REASONS[status]}\r\nServer: uringsend\r\nDate: {self._http_date()}\r\n"
-                f"Content-Type: {ctype}\r\nContent-Length: {length}\r\nLast-Modified: {_last_modified(mtime)}\r\n"
-                f"ETag: {etag}\r\nAccept-Ranges: bytes\r\n{extra}"
-                f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n").encode()
+                f"Content-Type: {ctype}\r\nContent-Length: {length}\r\n"
+                f"Last-Modified: {_last_modified(int(st.st_mtime))}\r\nETag: {_etag(st)}\r\n"
+                f"Accept-Ranges: bytes\r\n{extra}Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n").encode()
 
     def _not_modified(self, etag, keep_alive):
         """304: no body, no representation fields; the validator the cache compares."""
@@ -651,6 +668,11 @@ class FileServer:
 
 
 # ---- conditional requests (RFC 9110, section 13) ---------------------------------------------
+def _etag(st):
+    """A strong entity-tag: the inode, the modification time in nanoseconds, the size."""
+    return f'"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"'
+
+
 def _precondition(fields, etag, mtime):
     """The status the preconditions decide (412, 304), or None to go on. Evaluated in the order of
     RFC 9110 13.2.2; a date field is ignored when its entity-tag counterpart is present or when
