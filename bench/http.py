@@ -12,7 +12,7 @@ The aiohttp rows run ``python -m bench.aiohttp_server`` (``web.FileResponse``; o
 or uvloop, with or without ``uringsend.aio.install()``); they are skipped, with the reason, when
 that module, aiohttp or uvloop is missing.
 
-    python -m bench.http [--sizes 4K,1M] [--duration 5] [--repeat 5] [--connections 32]
+    python -m bench.http [--sizes 4K,1M] [--duration 3] [--repeat 7] [--connections 32]
                          [--modes auto,copy,mmap,zerocopy,splice] [--no-aiohttp] [--profile]
                          [--install-tools]
 """
@@ -90,9 +90,9 @@ def parse_args(argv):
         "each on one pinned core: requests/s, MB/s, p50/p99, server CPU per request, ratios to "
         "nginx. Writes JSON and Markdown."))
     p.add_argument("--sizes", default="4K,1M", help="file sizes, comma separated (default 4K,1M)")
-    p.add_argument("--duration", type=int, default=5, help="seconds per wrk run (default 5)")
-    p.add_argument("--repeat", type=int, default=5,
-                   help="runs per contender and size, in rotated order; the median is kept (default 5)")
+    p.add_argument("--duration", type=int, default=3, help="seconds per wrk run (default 3)")
+    p.add_argument("--repeat", type=int, default=7,
+                   help="runs per contender and size, in rotated order; the median is kept (default 7)")
     p.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
     p.add_argument("--modes", default=",".join(MODES),
                    help=f"uringsend serve modes, comma separated (default {','.join(MODES)})")
@@ -377,38 +377,56 @@ def profile_uringsend(root, args, wrk, cpus):
 
 # ---- report ------------------------------------------------------------------------------------
 def summarize(runs):
-    """The median run (by requests/s) and the spread of all runs."""
+    """The median run (by requests/s), with the spread of all runs and the median CPU costs."""
     ordered = sorted(runs, key=lambda r: r["req_s"])
     median = dict(ordered[len(ordered) // 2])
     rates = [r["req_s"] for r in runs]
     median["spread"] = (max(rates) - min(rates)) / statistics.median(rates) if len(rates) > 1 else None
+    for key in ("server_user_us_per_req", "server_sys_us_per_req", "server_cpu_us_per_req"):
+        median[key] = statistics.median(r[key] for r in runs)
     return median
 
 
 def ratios(results):
+    """Each contender against nginx, per round (the runs of one round are seconds apart, so a
+    burst of other load hits both sides alike), the median over the rounds: requests/s (so
+    MB/s), requests per busy core (nginx's CPU per request over the contender's), p99."""
     out = {}
     for size, by_server in results.items():
-        ref = by_server[REFERENCE]["median"]
+        ref_runs = by_server[REFERENCE]["runs"]
         out[size] = {}
         for name, entry in by_server.items():
-            r = entry["median"]
+            pairs = list(zip(entry["runs"], ref_runs))
+            rate = _median_ratio(pairs, "req_s")
             out[size][name] = {
-                "req_s": r["req_s"] / ref["req_s"], "mb_s": r["mb_s"] / ref["mb_s"],
-                "p99": r["p99_ms"] / ref["p99_ms"] if ref["p99_ms"] and r["p99_ms"] else None,
-                "cpu_per_req": (r["server_cpu_us_per_req"] / ref["server_cpu_us_per_req"]
-                                if ref["server_cpu_us_per_req"] else None)}
+                "req_s": rate, "mb_s": rate,
+                "per_core": _median_ratio([(n, r) for r, n in pairs], "server_cpu_us_per_req"),
+                "p99": _median_ratio(pairs, "p99_ms"),
+                "req_s_of_medians": entry["median"]["req_s"] / by_server[REFERENCE]["median"]["req_s"]}
     return out
 
 
-def best_modes(results):
-    """Per size: the uringsend mode with the highest median requests/s, and its spread."""
+def _median_ratio(pairs, key):
+    """Median of a[key] / b[key] over the pairs where both are known and b's is not zero."""
+    values = [a[key] / b[key] for a, b in pairs if a[key] is not None and b[key]]
+    return statistics.median(values) if values else None
+
+
+def best_modes(results, ratios):
+    """Per size: the uringsend mode with the highest requests/s against nginx, and its spread."""
     out = {}
     for size, by_server in results.items():
-        modes = {name: entry["median"] for name, entry in by_server.items() if name.startswith("uringsend ")}
+        modes = [name for name in by_server if name.startswith("uringsend ")]
         if modes:
-            name = max(modes, key=lambda n: modes[n]["req_s"])
-            out[size] = {"server": name, "req_s": modes[name]["req_s"], "spread": modes[name]["spread"]}
+            name = max(modes, key=lambda n: ratios[size][n]["req_s"])
+            median = by_server[name]["median"]
+            out[size] = {"server": name, "req_s": median["req_s"], "ratio": ratios[size][name]["req_s"],
+                         "spread": median["spread"]}
     return out
+
+
+def _times(x):
+    return "—" if x is None else f"{x:.2f}x"
 
 
 def _pct(x):
@@ -437,29 +455,37 @@ def markdown(doc):
     if doc["skipped"]:
         lines.append("")
     lines += ["| file | server | requests/s | vs nginx | spread | MB/s | p50 ms | p99 ms | "
-              "CPU µs/request (user + sys) | errors |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "server CPU µs/request (user + sys) | requests/s per busy core | vs nginx | errors |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for size, by_server in doc["results"].items():
         for name, entry in by_server.items():
             r = entry["median"]
             ratio = doc["ratios"][size][name]
             lines.append(
-                f"| {_label(int(size))} | {name} | {r['req_s']:,.0f} | {ratio['req_s']:.2f}x | {_pct(r['spread'])} | "
+                f"| {_label(int(size))} | {name} | {r['req_s']:,.0f} | {_times(ratio['req_s'])} | {_pct(r['spread'])} | "
                 f"{r['mb_s']:,.1f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['server_cpu_us_per_req']:.1f} "
                 f"({r['server_user_us_per_req']:.1f} + {r['server_sys_us_per_req']:.1f}) | "
+                f"{1e6 / r['server_cpu_us_per_req']:,.0f} | {_times(ratio['per_core'])} | "
                 f"{r['socket_errors'] + r['non_2xx']} |")
-    lines += ["", "Spread: (fastest − slowest run) / median run, of requests/s. All runs, requests/s:", ""]
+    lines += ["", "Ratios to nginx are medians over the rounds of each round's ratio (the runs of a round "
+              "are seconds apart). Spread: (fastest − slowest run) / median run, of requests/s. p50 and p99: "
+              "of the median run. Server CPU per request: the median over the runs. Requests/s per busy "
+              "core: 10^6 / (server CPU µs per request), what the server's core would serve if "
+              "the server were its only work and wrk kept up; it depends far less on other load than "
+              "requests/s does. All runs, requests/s, in round order:", ""]
     for size, by_server in doc["results"].items():
         for name, entry in by_server.items():
             lines.append(f"- {_label(int(size))} {name}: " + ", ".join(f"{x['req_s']:,.0f}" for x in entry["runs"]))
     lines.append("")
     for size, best in doc["best_modes"].items():
         lines.append(f"- Best `uringsend serve` mode at {_label(int(size))}: {best['server'].split()[1]} "
-                     f"({best['req_s']:,.0f} requests/s, spread {_pct(best['spread'])}).")
+                     f"({best['ratio']:.2f}x nginx's requests/s; {best['req_s']:,.0f} requests/s, spread "
+                     f"{_pct(best['spread'])}).")
     for goal in doc["goals"]:
+        per_core = doc["ratios"][str(goal["size"])][goal["server"]]["per_core"]
         lines.append(f"- Goal: {goal['server']} {'requests/s' if goal['metric'] == 'req_s' else 'MB/s'} at "
                      f"{_label(goal['size'])} >= {goal['target']}x nginx: {goal['ratio']:.2f}x — "
-                     f"{'met' if goal['met'] else 'missed'}")
+                     f"{'met' if goal['met'] else 'missed'} (per busy core: {_times(per_core)})")
     if doc.get("profile"):
         p = doc["profile"]
         lines += ["", f"### Where `uringsend serve`'s time goes at {_label(p['size'])}", "",
@@ -529,7 +555,7 @@ def main(argv=None):
                 server.stop()
         doc["results"] = results
         doc["ratios"] = ratios(results)
-        doc["best_modes"] = best_modes(results)
+        doc["best_modes"] = best_modes(results, doc["ratios"])
         others = [r["other_cores"] for by_server in results.values() for e in by_server.values() for r in e["runs"]]
         doc["other_load"] = {"mean_cores": statistics.mean(others), "max_cores": max(others)}
         doc["goals"] = []
