@@ -43,7 +43,7 @@ import psutil
 
 from bench import machine
 from uringsend.aio import AsyncRing
-from uringsend.ring import MODES
+from uringsend.ring import AUTO, MODES
 
 KiB, MiB = 1 << 10, 1 << 20
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -209,7 +209,11 @@ def _wait_ready(proc, stderr, what, timeout=30.0):
         if not select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
             break
         chunk = os.read(proc.stdout.fileno(), 256).decode()
-        if not chunk:
+        if not chunk:  # stdout closed: the server is exiting
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
             break
         line += chunk
     match = re.match(r"ready (\d+)\n", line)
@@ -477,6 +481,9 @@ def markdown(doc):
         for name, entry in by_server.items():
             lines.append(f"- {_label(int(size))} {name}: " + ", ".join(f"{x['req_s']:,.0f}" for x in entry["runs"]))
     lines.append("")
+    if DEFAULT_SERVE in doc["ratios"].get(str(doc["params"]["sizes"][0]), {}):
+        lines.append(f"- `auto` sends as `{AUTO}` (uringsend.ring.AUTO): where both rows are present, the "
+                     "gap between them is run-to-run noise.")
     for size, best in doc["best_modes"].items():
         lines.append(f"- Best `uringsend serve` mode at {_label(int(size))}: {best['server'].split()[1]} "
                      f"({best['ratio']:.2f}x nginx's requests/s; {best['req_s']:,.0f} requests/s, spread "
