@@ -754,8 +754,8 @@ def test_absolute_form_through_a_proxy_client(tree, tmp_path):
         pytest.skip("curl is not installed (make deps installs it)")
     www, digests = tree
     with ServerThread(www) as srv:
-        proc = subprocess.run(["curl", "-sS", "-o", str(tmp_path / "out"), "-w", "%{http_code}", "--proxy",
-                               f"http://127.0.0.1:{srv.port}", "http://files.example.test/odd.bin"],
+        proc = subprocess.run(["curl", "-sS", "-o", str(tmp_path / "out"), "-w", "%{http_code}", "--noproxy", "",
+                               "--proxy", f"http://127.0.0.1:{srv.port}", "http://files.example.test/odd.bin"],
                               capture_output=True, timeout=60, check=True)
     assert proc.stdout == b"200" and sha((tmp_path / "out").read_bytes()) == digests["odd.bin"]
 
