@@ -1,22 +1,31 @@
 """A static-file HTTP/1.1 server on asyncio: every response's header and body leave as one
 uringsend transfer.
 
-GET and HEAD, keep-alive, Content-Length, Content-Type (from the extension), Last-Modified, one
-``Range: bytes=`` range (206/416). Requests never reach outside the served directory: '..'
-segments (also percent-encoded) are refused; files are opened with openat2(RESOLVE_BENEATH), so
-the kernel itself refuses any step outside; where it cannot decide (no openat2, or a symlink
-spelled as an absolute path), every symlink is resolved with realpath and the target must lie
-inside, and the path the kernel reports for the opened fd is checked again, so a symlink swapped
-in between cannot redirect the read. Bounded: request head size (431), idle and slow-client
-timeouts, concurrent connections (503 beyond).
+GET and HEAD, keep-alive and pipelining, Content-Length, Content-Type (from the extension),
+Last-Modified and a strong ETag, conditional requests (If-Match, If-Unmodified-Since -> 412;
+If-None-Match, If-Modified-Since -> 304), one ``Range: bytes=`` range (206/416) guarded by
+If-Range, origin-form and absolute-form request targets. Requests are parsed by llhttp (the
+``httptools`` binding); each connection is an ``asyncio.Protocol``, so a response whose transfer
+completes while it starts (small files) costs no task, future or extra loop iteration.
+
+Requests never reach outside the served directory: '..' segments (also percent-encoded) are
+refused; files are opened with openat2(RESOLVE_BENEATH), so the kernel itself refuses any step
+outside; where it cannot decide (no openat2, or a symlink spelled as an absolute path), every
+symlink is resolved with realpath and the target must lie inside, and the path the kernel reports
+for the opened fd is checked again, so a symlink swapped in between cannot redirect the read.
+Bounded: request head size and field count (431), pipelined requests held per connection, idle
+and slow-client timeouts, concurrent connections (503 beyond).
 """
 import asyncio
+import calendar
+import collections
 import ctypes
 import email.utils
 import errno
 import fcntl
 import mimetypes
 import os
+import re
 import signal
 import socket
 import stat
@@ -26,6 +35,8 @@ import tempfile
 import time
 import urllib.parse
 
+import httptools
+
 from .aio import AsyncRing
 from .ring import MODES
 
@@ -34,13 +45,24 @@ MAX_FIELDS = 100
 IDLE_TIMEOUT = 15.0       # waiting for (the rest of) a request head
 SEND_TIMEOUT = 30.0       # a response that makes no progress
 MAX_CONNECTIONS = 512
+MAX_PIPELINED = 64        # parsed requests held per connection before it stops reading
+OPEN_FILES = 64           # files kept open for the next request that names them
 
-_REASONS = {200: "OK", 206: "Partial Content", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
-            405: "Method Not Allowed", 416: "Range Not Satisfiable",
-            431: "Request Header Fields Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}
+_REASONS = {200: "OK", 206: "Partial Content", 304: "Not Modified", 400: "Bad Request", 403: "Forbidden",
+            404: "Not Found", 405: "Method Not Allowed", 412: "Precondition Failed",
+            416: "Range Not Satisfiable", 431: "Request Header Fields Too Large",
+            500: "Internal Server Error", 503: "Service Unavailable"}
 _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY  # NONBLOCK: a FIFO must not block
 _UNSPEC = struct.pack("H14x", socket.AF_UNSPEC)  # a struct sockaddr of family AF_UNSPEC
 _libc = ctypes.CDLL(None, use_errno=True)
+# The request fields the server acts on; the others are counted against the limits and dropped.
+_FIELDS = frozenset((b"host", b"connection", b"content-length", b"transfer-encoding", b"range",
+                     b"if-match", b"if-none-match", b"if-modified-since", b"if-unmodified-since",
+                     b"if-range"))
+_LISTS = frozenset((b"connection", b"if-match", b"if-none-match"))  # repeated lines join with ", "
+_CONDITIONS = frozenset((b"range", b"if-match", b"if-none-match", b"if-modified-since",
+                         b"if-unmodified-since", b"if-range"))
+_ENTITY_TAG = re.compile(rb'[ \t]*(W/)?("[\x21\x23-\x7e\x80-\xff]*")[ \t]*(?:,|$)')
 
 
 class _Reject(Exception):
@@ -82,17 +104,255 @@ class _Beneath:
         os.close(self.dir_fd)
 
 
-class _Connection:
-    """What the timeout sweeper needs to know about one client."""
+class _OpenFile:
+    """A file kept open for the request path that named it; ``path``: what that path resolved to
+    (the directory's index.html for a directory), relative to the root."""
 
-    __slots__ = ("writer", "task", "since", "transfer", "progress")
+    __slots__ = ("fd", "identity", "ctype", "path", "head", "head_key")
 
-    def __init__(self, writer, task, now):
-        self.writer = writer
-        self.task = task
-        self.since = now        # start of the current wait (for a request, or for send progress)
-        self.transfer = None    # the response being sent, if any
-        self.progress = 0
+    def __init__(self, fd, st, ctype, path):
+        self.fd = fd
+        self.identity = (st.st_ino, st.st_dev, st.st_mode, st.st_uid, st.st_gid)
+        self.ctype = ctype
+        self.path = path
+        self.head = None        # the last 200 head built for this file, and what it depends on
+        self.head_key = None
+
+
+class _Request:
+    """One parsed request head."""
+
+    __slots__ = ("method", "target", "keep_alive", "fields", "plain", "error")
+
+    def __init__(self, method, target, keep_alive, fields, plain=True, error=None):
+        self.method = method
+        self.target = target
+        self.keep_alive = keep_alive
+        self.fields = fields
+        self.plain = plain      # no range and no condition: the whole file
+        self.error = error      # a _Reject found while parsing: answered in turn, then the end
+
+
+class _Connection(asyncio.Protocol):
+    """One client: llhttp parses what arrives into requests, answered one at a time in order.
+
+    A response goes out either through the transport (error, HEAD, 304 and empty answers) or as
+    a uringsend transfer on the socket itself; a transfer starts only once the transport has
+    written everything before it (write buffer limits 0: pause_writing/resume_writing say so).
+    """
+
+    def __init__(self, server):
+        self.server = server
+        self.transport = None
+        self.sock = None          # our duplicate of the socket, a socket.socket for the ring
+        self.parser = httptools.HttpRequestParser(self)
+        self.queue = collections.deque()
+        self.transfer = None      # the response being sent, if any
+        self.progress = None
+        self.since = 0.0          # start of the current wait (for a request, or for send progress)
+        self.writing_paused = False
+        self.reading_paused = False
+        self.ended = False        # nothing more is parsed: a request asked to close, or a bad one
+        self.eof = False
+        self.refused = False
+        # the request being parsed
+        self._in_head = False
+        self._head = 0            # bytes of its head's completed parts (target, fields)
+        self._spill = 0           # bytes received after its first chunk, while it was incomplete
+        self._fields = 0
+        self._target = b""
+        self._wanted = None
+        self._plain = True
+        self._request = None
+
+    # ---- transport events --------------------------------------------------------------------
+    def connection_made(self, transport):
+        server = self.server
+        self.transport = transport
+        server.accepted += 1
+        server._connections.add(self)
+        self.since = server._loop.time()
+        if len(server._connections) - server._refusing > server.max_connections:
+            self._refuse()
+            return
+        # drain-free ordering: the transport reports any byte it could not write at once
+        transport.set_write_buffer_limits(0)
+        sock = transport.get_extra_info("socket")  # asyncio has set TCP_NODELAY on it
+        try:
+            self.sock = socket.socket(sock.family, sock.type, sock.proto, os.dup(sock.fileno()))
+        except OSError:
+            transport.abort()  # out of fds
+
+    def connection_lost(self, exc):
+        server = self.server
+        if self.refused:
+            server._refusing -= 1
+            self._timer.cancel()
+        server._connections.discard(self)
+        self.transport = None
+        self.queue.clear()
+        if self.sock is not None:
+            self.sock.close()  # a transfer in flight holds the socket on its own
+            self.sock = None
+        if not server._connections and server._all_gone is not None and not server._all_gone.done():
+            server._all_gone.set_result(None)
+
+    def data_received(self, data):
+        if self.ended:
+            return  # read and dropped until the answer so far is out and the connection closes
+        if not self._in_head and data[:4] == b"\r\n\r\n":
+            self._fail(_Reject(400, close=True))  # one empty line before a request is tolerated
+            self._run()
+            return
+        if self._in_head:
+            self._spill += len(data)  # all of it continues this head, or this head ends in it
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            if not self.ended:  # llhttp refuses what follows a request that closes: not an error
+                reject = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else None
+                self._fail(reject if isinstance(reject, _Reject) else _Reject(400, close=True))
+            self._run()
+            return
+        except httptools.HttpParserUpgrade:
+            self.ended = True  # answered without switching protocols (the request has close set)
+        if self._in_head and self._spill > self.server.max_head:
+            self._fail(_Reject(431, close=True))  # a field that does not end: llhttp would keep it all
+        if len(self.queue) >= MAX_PIPELINED and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
+        self._run()
+
+    def eof_received(self):
+        if self.refused:
+            return False  # the 503 is out: close
+        self.eof = True
+        self._run()
+        return True  # keep the transport open for the answers still to come
+
+    def pause_writing(self):
+        self.writing_paused = True
+
+    def resume_writing(self):
+        self.writing_paused = False
+        self._run()
+
+    # ---- llhttp callbacks --------------------------------------------------------------------
+    def on_message_begin(self):
+        self._in_head = True
+        self._head = 0
+        self._spill = 0
+        self._fields = 0
+        self._target = b""
+        self._wanted = {}
+        self._plain = True
+
+    def on_url(self, url):
+        self._target += url
+        self._head += len(url)
+        if self._head > self.server.max_head:
+            raise _Reject(431, close=True)
+
+    def on_header(self, name, value):
+        self._head += len(name) + len(value) + 4
+        self._fields += 1
+        if self._head > self.server.max_head or self._fields > MAX_FIELDS:
+            raise _Reject(431, close=True)
+        name = name.lower()
+        if name in _FIELDS:
+            if name in _CONDITIONS:
+                self._plain = False
+            wanted = self._wanted
+            if name in wanted:
+                if name not in _LISTS:
+                    raise _Reject(400, close=True)  # two Host, Range, ... fields: ambiguous
+                value = wanted[name] + b", " + value
+            wanted[name] = value
+
+    def on_headers_complete(self):
+        self._in_head = False
+        parser = self.parser
+        wanted = self._wanted
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            raise _Reject(400, close=True)
+        if b"transfer-encoding" in wanted or wanted.get(b"content-length", b"0") != b"0":
+            raise _Reject(400, close=True)  # no request bodies: they would desynchronise the stream
+        if version == "1.1" and b"host" not in wanted:
+            raise _Reject(400, close=True)
+        keep_alive = parser.should_keep_alive() and not parser.should_upgrade()
+        self._request = _Request(parser.get_method(), self._target, keep_alive, wanted, self._plain)
+
+    def on_message_complete(self):
+        request = self._request
+        self.server.requests += 1
+        self.queue.append(request)
+        if not request.keep_alive:
+            self.ended = True  # what follows a request that closes the connection is not read
+
+    # ---- answering ---------------------------------------------------------------------------
+    def _fail(self, reject):
+        """A request that cannot be parsed: answered after those before it, then the end."""
+        self.server.requests += 1
+        self.ended = True
+        self._in_head = False
+        self.queue.append(_Request(None, None, False, None, error=reject))
+
+    def _run(self):
+        """Answer queued requests while nothing is in flight and the transport's buffer is empty."""
+        queue = self.queue
+        server = self.server
+        while queue and self.transfer is None and not self.writing_paused and self.transport is not None:
+            request = queue.popleft()
+            if not server._answer(self, request):
+                self.transport.close()
+                return
+            if self.transfer is None:
+                self.since = server._loop.time()
+        if self.transport is None or self.transfer is not None:
+            return
+        if self.reading_paused and len(queue) < MAX_PIPELINED // 2:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        if self.eof and not queue and not self.writing_paused:
+            self.transport.close()
+
+    def _started(self, transfer, keep_alive):
+        """A transfer that did not finish while starting: wait for it in a task."""
+        self.transfer = transfer
+        self.progress = None
+        self.since = self.server._loop.time()
+        task = self.server._loop.create_task(self._finish(transfer, keep_alive))
+        self.server._inflight[task] = transfer
+
+    async def _finish(self, transfer, keep_alive):
+        try:
+            await transfer
+        except OSError:
+            keep_alive = False  # reset by the peer, or cancelled by the sweeper: the response is broken
+            if self.transport is not None:
+                self.transport.abort()
+        finally:
+            self.transfer = None
+            del self.server._inflight[asyncio.current_task()]
+        if self.transport is None:
+            return
+        if not keep_alive:
+            self.transport.close()
+            return
+        self.since = self.server._loop.time()
+        self._run()
+
+    def _refuse(self):
+        """503, then read until the client closes (for at most a second): closing with its request
+        unread would reset the connection before the client saw the answer."""
+        server = self.server
+        server.refused += 1
+        server._refusing += 1
+        self.refused = self.ended = True
+        self.transport.write(server._error_head(503, False))
+        self.transport.write_eof()
+        self._timer = server._loop.call_later(1.0, self.transport.abort)
 
 
 class FileServer:
@@ -107,6 +367,7 @@ class FileServer:
             raise NotADirectoryError(f"{root!r} is not a directory")
         self.root = os.fsencode(os.path.realpath(root))
         self.mode = mode
+        self._blocking_reads = mode not in ("copy", "mmap")  # these map the file; the others read it
         self.idle_timeout = idle_timeout
         self.send_timeout = send_timeout
         self.max_connections = max_connections
@@ -114,8 +375,12 @@ class FileServer:
         self.requests = 0
         self.accepted = 0
         self.refused = 0
-        self._connections = {}
-        self._refusing = {}     # writer -> task, for connections answered 503
+        self._connections = set()
+        self._refusing = 0      # of those, connections answered 503
+        self._all_gone = None   # resolved when the last connection is lost (aclose)
+        self._inflight = {}     # task -> the transfer it waits for (also of connections lost since)
+        self._files = {}        # request path -> _OpenFile, oldest first
+        self._loop = None
         self._aring = None
         self._server = None
         self._sweeper = None
@@ -133,15 +398,16 @@ class FileServer:
     def statistics(self):
         """Counters of the server and of its ring."""
         return {"accepted": self.accepted, "refused": self.refused, "requests": self.requests,
-                "connections": len(self._connections), "ring": self._aring.statistics()}
+                "connections": len(self._connections) - self._refusing, "open_files": len(self._files),
+                "ring": self._aring.statistics()}
 
     async def start(self, host="127.0.0.1", port=8080):
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         self._aring = AsyncRing(1024)
         self._beneath = _Beneath(self.root)
         try:
-            self._server = await asyncio.start_server(self._client, host, port, limit=self.max_head,
-                                                      reuse_address=True, backlog=1024)
+            self._server = await loop.create_server(lambda: _Connection(self), host, port,
+                                                    reuse_address=True, backlog=1024)
         except BaseException:
             await self._aring.aclose()
             self._beneath.close()
@@ -156,134 +422,50 @@ class FileServer:
             return
         self._sweeper.cancel()
         self._server.close()
-        await self._server.wait_closed()
-        # Handlers end on their own once their transport is gone or their transfer cancelled
-        # (cancelling a stream handler's task makes asyncio 3.11 log an error for it).
-        tasks = [conn.task for conn in self._connections.values()] + list(self._refusing.values())
-        for conn in self._connections.values():
+        tasks = list(self._inflight)
+        if self._connections:
+            self._all_gone = self._loop.create_future()
+        for conn in list(self._connections):
             if conn.transfer is not None:
                 _reset(conn)
             else:
-                conn.writer.transport.abort()
-        for writer in self._refusing:
-            writer.transport.abort()
+                conn.transport.abort()
+        for transfer in self._inflight.values():
+            transfer.cancel()  # responses whose connection is gone already
         if tasks:
             await asyncio.wait(tasks)
+        if self._all_gone is not None:
+            await self._all_gone
+        await self._server.wait_closed()
         await self._aring.aclose()
+        for entry in self._files.values():
+            os.close(entry.fd)
+        self._files.clear()
         self._beneath.close()
         self._server = None
 
-    # ---- connections -------------------------------------------------------------------------
-    async def _client(self, reader, writer):
-        self.accepted += 1
-        if len(self._connections) >= self.max_connections:
-            await self._refuse(reader, writer)
-            return
-        loop = asyncio.get_running_loop()
-        conn = _Connection(writer, asyncio.current_task(), loop.time())
-        self._connections[writer] = conn
-        sock = writer.get_extra_info("socket")  # asyncio has set TCP_NODELAY on it
-        # drain() then waits until the transport has written everything: with the default limits
-        # it returns while up to 64 KiB are still buffered, which a transfer would overtake.
-        writer.transport.set_write_buffer_limits(0)
-        try:
-            while await self._exchange(reader, writer, sock, conn, loop):
-                pass
-        except (OSError, asyncio.IncompleteReadError):
-            pass  # the peer went away, the sweeper aborted the connection, or fds ran out
-        finally:
-            del self._connections[writer]
-            writer.close()
-
-    async def _refuse(self, reader, writer):
-        """503, then read until the client closes (for at most a second): closing with its request
-        unread would reset the connection before the client saw the answer."""
-        self.refused += 1
-        self._refusing[writer] = asyncio.current_task()
-        writer.write(self._error_head(503, False))
-        writer.write_eof()
-        timer = asyncio.get_running_loop().call_later(1.0, writer.transport.abort)
-        try:
-            while await reader.read(1 << 16):
-                pass
-        except OSError:
-            pass
-        finally:
-            timer.cancel()
-            del self._refusing[writer]
-            writer.close()
-
-    async def _exchange(self, reader, writer, sock, conn, loop):
-        """Read one request and answer it; False when the connection should end."""
-        conn.since = loop.time()
-        keep_alive = head_only = False
-        try:
-            try:
-                head = await reader.readuntil(b"\r\n\r\n")
-            except asyncio.LimitOverrunError:
-                raise _Reject(431, close=True) from None
-            self.requests += 1
-            method, target, keep_alive, range_field = self._parse(head)
-            head_only = method == b"HEAD"
-            if not head_only and method != b"GET":
-                raise _Reject(405)
-            fd, st, ctype = self._open(target)
-        except _Reject as exc:
-            keep_alive = keep_alive and not exc.close
-            writer.write(self._error_head(exc.status, keep_alive, head_only))
-            await writer.drain()
-            return keep_alive
-        size = st.st_size
-        status, start, count, extra = _range(range_field, size)
-        if status == 416 or head_only or count == 0:
-            os.close(fd)
-            if status == 416:
-                writer.write(self._error_head(416, keep_alive, head_only, f"Content-Range: bytes */{size}\r\n"))
-            else:
-                writer.write(self._head(status, ctype, count, st.st_mtime, extra, keep_alive))
-            await writer.drain()
-            return keep_alive
-        head = self._head(status, ctype, count, st.st_mtime, extra, keep_alive)
-        try:
-            if self.mode not in ("copy", "mmap"):  # these map the file; the others read it
-                fcntl.fcntl(fd, fcntl.F_SETFL, 0)  # opened O_NONBLOCK against FIFOs; reads must block
-            await writer.drain()  # nothing of ours may still sit in the transport's buffer (limits 0)
-            transfer = self._aring.sendfile(sock, fd, start, count, mode=self.mode, header=head)
-        finally:
-            os.close(fd)  # the transfer has its own duplicate
-        conn.transfer = transfer
-        conn.progress = None
-        conn.since = loop.time()
-        try:
-            await transfer
-        except OSError:
-            return False  # reset by the peer, or cancelled by the sweeper: the response is broken
-        finally:
-            conn.transfer = None
-        return keep_alive
-
     def _sweep(self, period):
         """End idle connections and responses that made no progress within the timeouts."""
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = self._loop.time()
         try:
-            for conn in list(self._connections.values()):
+            for conn in list(self._connections):
+                if conn.refused or conn.transport is None:
+                    continue  # a refused connection has its own timer
                 try:
                     self._check(conn, now)
                 except OSError:
-                    conn.writer.transport.abort()  # its socket is already gone
+                    conn.transport.abort()  # its socket is already gone
         finally:
-            self._sweeper = loop.call_later(period, self._sweep, period)
+            self._sweeper = self._loop.call_later(period, self._sweep, period)
 
     def _check(self, conn, now):
         transfer = conn.transfer
         if transfer is None:
             if now - conn.since > self.idle_timeout:
-                conn.writer.transport.abort()
+                conn.transport.abort()
             return
         # Bytes the peer acknowledged move even while one large send is still running.
-        sock = conn.writer.get_extra_info("socket")
-        progress = (transfer.header_sent + transfer.sent, _bytes_acked(sock))
+        progress = (transfer.header_sent + transfer.sent, _bytes_acked(conn.sock))
         if progress != conn.progress:
             conn.progress = progress
             conn.since = now
@@ -291,45 +473,103 @@ class FileServer:
             _reset(conn)
 
     # ---- requests ----------------------------------------------------------------------------
-    def _parse(self, head):
-        """Request line and fields -> (method, target, keep_alive, Range field or None)."""
-        lines = head.lstrip(b"\r\n").split(b"\r\n")[:-2]
-        if not lines:
-            raise _Reject(400, close=True)
-        if len(lines) > MAX_FIELDS + 1:
-            raise _Reject(431, close=True)
-        parts = lines[0].split(b" ")
-        if len(parts) != 3:
-            raise _Reject(400, close=True)
-        method, target, version = parts
-        if version == b"HTTP/1.1":
-            keep_alive = True
-        elif version == b"HTTP/1.0":
-            keep_alive = False
-        else:
-            raise _Reject(400, close=True)
-        fields = {}
-        for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon or not name or name != name.strip():
-                raise _Reject(400, close=True)
-            fields[name.lower()] = value.strip()
-        if b"transfer-encoding" in fields or fields.get(b"content-length", b"0") != b"0":
-            raise _Reject(400, close=True)  # no request bodies: they would desynchronise the stream
-        if version == b"HTTP/1.1" and b"host" not in fields:
-            raise _Reject(400, close=True)
-        options = {token.strip() for token in fields.get(b"connection", b"").lower().split(b",")}
-        if b"close" in options:
-            keep_alive = False
-        elif b"keep-alive" in options:
-            keep_alive = True
-        return method, target, keep_alive, fields.get(b"range")
+    def _answer(self, conn, request):
+        """Answer one request (an error, a head alone, or a transfer started for the connection).
+        False when the connection ends after it."""
+        transport = conn.transport
+        keep_alive = request.keep_alive
+        method = request.method
+        head_only = method == b"HEAD"
+        try:
+            if request.error is not None:
+                raise request.error
+            if not head_only and method != b"GET":
+                raise _Reject(405)
+            entry, st = self._open(request.target)  # entry.fd belongs to the open-file cache
+        except _Reject as exc:
+            keep_alive = keep_alive and not exc.close
+            transport.write(self._error_head(exc.status, keep_alive, head_only))
+            return keep_alive
+        try:
+            size = st.st_size
+            if request.plain:  # the common case: the whole file, its head reused within a second
+                start, count = 0, size
+                key = (st.st_mtime_ns, size, keep_alive, self._http_date())
+                if entry.head_key != key:
+                    entry.head = self._head(200, entry.ctype, size, st, "", keep_alive)
+                    entry.head_key = key
+                head = entry.head
+            else:
+                mtime = int(st.st_mtime)
+                etag = _etag(st)
+                fields = request.fields
+                status = _precondition(fields, etag, mtime)
+                if status is None:
+                    if b"range" in fields and not head_only and _if_range(fields.get(b"if-range"), etag, mtime):
+                        status, start, count, extra = _range(fields[b"range"], size)
+                    else:
+                        status, start, count, extra = 200, 0, size, ""
+                if status == 304:
+                    transport.write(self._not_modified(etag, keep_alive))
+                    return keep_alive
+                if status == 412 or status == 416:
+                    extra = f"Content-Range: bytes */{size}\r\n" if status == 416 else ""
+                    transport.write(self._error_head(status, keep_alive, head_only, extra))
+                    return keep_alive
+                head = self._head(status, entry.ctype, count, st, extra, keep_alive)
+            if head_only or count == 0:
+                transport.write(head)
+                return keep_alive
+            transfer = self._aring.sendfile(conn.sock, entry.fd, start, count, mode=self.mode, headers=head)
+        except OSError:  # not started (out of fds or memory): nothing of it was sent
+            transport.write(self._error_head(500, False, head_only))
+            return False
+        if not transfer.done():
+            conn._started(transfer, keep_alive)
+            return True
+        if transfer.error is not None:
+            return False  # the peer went away: the response is broken
+        return keep_alive
 
     def _open(self, target):
-        """Open the regular file ``target`` names inside the root -> (fd, stat, content type)."""
-        if not target.startswith(b"/"):
+        """The regular file ``target`` names inside the root -> (_OpenFile, stat); its fd belongs
+        to the open-file cache (a transfer holds the file on its own).
+        ``target``: origin-form (``/path?query``) or absolute-form (``http://host/path``; the
+        host is not looked at: every name serves the same directory).
+
+        A path served before is looked up with one stat instead of an open: when it still names
+        the very file kept open (same device and inode, same mode and owner), that fd serves. A
+        stat cannot open or read anything, and a path that now leads elsewhere (renamed over,
+        deleted, a symlink retargeted, even outside) finds another inode and goes through the
+        full open below, containment checks and all."""
+        if target[:1] == b"/":
+            path = target.partition(b"?")[0]
+            if b"#" in path:
+                path = path.partition(b"#")[0]
+        elif target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
+            try:
+                url = httptools.parse_url(target)
+            except httptools.HttpParserInvalidURLError:
+                raise _Reject(400, close=True) from None
+            if not url.host:
+                raise _Reject(400, close=True)
+            path = url.path or b"/"
+        else:
             raise _Reject(400, close=True)
-        path = urllib.parse.unquote_to_bytes(target.partition(b"?")[0].partition(b"#")[0])
+        files = self._files
+        entry = files.get(path)  # keyed by the path as requested: it always decodes the same
+        if entry is not None:
+            try:
+                st = os.stat(entry.path, dir_fd=self._beneath.dir_fd)
+            except OSError:
+                st = None
+            if st is not None and (st.st_ino, st.st_dev, st.st_mode, st.st_uid, st.st_gid) == entry.identity:
+                return entry, st
+            del files[path]
+            os.close(entry.fd)
+        key = path
+        if b"%" in path:
+            path = urllib.parse.unquote_to_bytes(path)
         if b"\0" in path:
             raise _Reject(400)
         parts = [p for p in path.split(b"/") if p and p != b"."]
@@ -338,11 +578,20 @@ class FileServer:
         fd, st, path = self._open_inside(parts)
         if stat.S_ISDIR(st.st_mode):
             os.close(fd)
-            fd, st, path = self._open_inside(parts + [b"index.html"])
+            parts = parts + [b"index.html"]
+            fd, st, path = self._open_inside(parts)
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise _Reject(404)
-        return fd, st, _content_type(os.path.splitext(path)[1])
+        name = path.rpartition(b"/")[2]
+        dot = name.rfind(b".")
+        ctype = _content_type(name[dot:] if dot > 0 else b"")
+        if self._blocking_reads:
+            fcntl.fcntl(fd, fcntl.F_SETFL, 0)  # opened O_NONBLOCK against FIFOs; reads must block
+        if len(files) >= OPEN_FILES:
+            os.close(files.pop(next(iter(files))).fd)  # the oldest
+        entry = files[key] = _OpenFile(fd, st, ctype, b"/".join(parts))
+        return entry, st
 
     def _open_inside(self, parts):
         """Open root/parts only if it resolves to a file inside the root -> (fd, stat, path).
@@ -399,10 +648,15 @@ class FileServer:
             self._date = (now, email.utils.formatdate(now, usegmt=True))
         return self._date[1]
 
-    def _head(self, status, ctype, length, mtime, extra, keep_alive):
+    def _head(self, status, ctype, length, st, extra, keep_alive):
         return (f"HTTP/1.1 {status} {_REASONS[status]}\r\nServer: uringsend\r\nDate: {self._http_date()}\r\n"
                 f"Content-Type: {ctype}\r\nContent-Length: {length}\r\n"
-                f"Last-Modified: {_last_modified(int(mtime))}\r\nAccept-Ranges: bytes\r\n{extra}"
+                f"Last-Modified: {_last_modified(int(st.st_mtime))}\r\nETag: {_etag(st)}\r\n"
+                f"Accept-Ranges: bytes\r\n{extra}Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n").encode()
+
+    def _not_modified(self, etag, keep_alive):
+        """304: no body, no representation fields; the validator the cache compares."""
+        return (f"HTTP/1.1 304 Not Modified\r\nServer: uringsend\r\nDate: {self._http_date()}\r\nETag: {etag}\r\n"
                 f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n").encode()
 
     def _error_head(self, status, keep_alive, head_only=False, extra=""):
@@ -413,11 +667,85 @@ class FileServer:
                 f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n{'' if head_only else body}").encode()
 
 
+# ---- conditional requests (RFC 9110, section 13) ---------------------------------------------
+def _etag(st):
+    """A strong entity-tag: the inode, the modification time in nanoseconds, the size."""
+    return f'"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"'
+
+
+def _precondition(fields, etag, mtime):
+    """The status the preconditions decide (412, 304), or None to go on. Evaluated in the order of
+    RFC 9110 13.2.2; a date field is ignored when its entity-tag counterpart is present or when
+    it is not a valid HTTP-date. The method is GET or HEAD here."""
+    value = fields.get(b"if-match")
+    if value is not None:
+        if not _tag_matches(value, etag, strong=True):
+            return 412
+    else:
+        value = fields.get(b"if-unmodified-since")
+        if value is not None:
+            date = _http_date(value)
+            if date is not None and mtime > date:
+                return 412
+    value = fields.get(b"if-none-match")
+    if value is not None:
+        return 304 if _tag_matches(value, etag, strong=False) else None
+    value = fields.get(b"if-modified-since")
+    if value is not None:
+        date = _http_date(value)
+        if date is not None and mtime <= date:
+            return 304
+    return None
+
+
+def _tag_matches(value, etag, strong):
+    """Whether the field value (``*`` or a list of entity-tags) matches ``etag``. Weak comparison
+    ignores ``W/``; strong comparison never matches a weak tag. A malformed list matches nothing."""
+    value = value.strip()
+    if value == b"*":
+        return True
+    wanted = etag.encode()
+    pos, end = 0, len(value)
+    matched = False
+    while pos < end:
+        m = _ENTITY_TAG.match(value, pos)
+        if m is None or m.end() == pos:
+            return False
+        if m.group(2) == wanted and not (strong and m.group(1)):
+            matched = True
+        pos = m.end()
+    return matched
+
+
+def _if_range(value, etag, mtime):
+    """Whether a Range field applies (RFC 9110 13.1.5): no If-Range, or one that names the current
+    representation: its strong entity-tag, or exactly its Last-Modified date when that date is a
+    strong validator (at least a second old)."""
+    if value is None:
+        return True
+    value = value.strip()
+    if value[:1] == b'"' or value[:2] == b"W/":
+        return value == etag.encode()
+    date = _http_date(value)
+    return date is not None and date == mtime and mtime < int(time.time())
+
+
+def _http_date(value):
+    """An HTTP-date (IMF-fixdate, RFC 850 or asctime form) -> seconds since the epoch, or None."""
+    try:
+        parts = email.utils.parsedate_tz(value.decode("latin-1"))
+        if parts is None:
+            return None
+        return calendar.timegm(parts[:9]) - (parts[9] or 0)
+    except (ValueError, TypeError, OverflowError, IndexError):
+        return None
+
+
 def _range(value, size):
     """A ``Range`` field -> (status, start, count, extra header). Only one ``bytes=`` range is
     honoured; anything else is ignored (200), as RFC 9110 allows."""
     whole = (200, 0, size, "")
-    if value is None or not value.startswith(b"bytes=") or b"," in value:
+    if not value.startswith(b"bytes=") or b"," in value:
         return whole
     first, dash, last = value[6:].strip().partition(b"-")
     if not dash or not (first.isdigit() or (not first and last.isdigit())) or (last and not last.isdigit()):
@@ -441,16 +769,16 @@ def _range(value, size):
 def _reset(conn):
     """Cancel the response in flight and reset the connection. A reset discards what the socket
     still queues, zero-copy pages included (a close would wait for the peer to read them, and the
-    transfer's own duplicate of the socket keeps it open until the transfer settles anyway)."""
-    _disconnect(conn.writer.get_extra_info("socket"))
+    transfer's own hold on the socket keeps it open until the transfer settles anyway)."""
+    _disconnect(conn.sock)
     conn.transfer.cancel()
-    conn.writer.transport.abort()
+    conn.transport.abort()
 
 
 def _disconnect(sock):
     """connect(AF_UNSPEC): tcp_disconnect() sends a reset and purges the send queue, whoever else
     holds the socket. Best effort: a closed socket or an EBUSY from the kernel leave it be."""
-    fd = sock.fileno()
+    fd = sock.fileno() if sock is not None else -1
     if fd >= 0:
         _libc.connect(fd, _UNSPEC, len(_UNSPEC))
 
