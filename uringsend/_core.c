@@ -1269,8 +1269,15 @@ static void on_result(struct us_core *c, uint32_t i, int32_t res, uint32_t flags
             return;
         }
     }
-    if (in_chain && --x->chain_left == 0)
+    if (in_chain && --x->chain_left == 0) {
         chain_over(c, x);
+        return;
+    }
+    /* A member of a cancelled transfer's chain completed and the link goes on: the next member
+     * is issued only now, after the last round looked (a splice that finished despite the cancel
+     * hands over to one that blocks on a full socket). Look again [KF 24]. */
+    if (in_chain && res >= 0 && x->cancelled && !x->cancel_left)
+        issue_cancels(c, x);
 }
 
 static void on_notif(struct us_core *c, uint32_t i, int32_t res)
