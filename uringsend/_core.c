@@ -324,6 +324,25 @@ static void wait_for(struct us_core *c, struct xfer *x, int kind)
     c->wait_head = x;
 }
 
+/* A transfer enters the core's books: counted, and on the active list until it settles. */
+static void activate(struct us_core *c, struct xfer *x)
+{
+    c->st.transfers_started++;
+    c->st.transfers_active++;
+    c->st.transfers_running++;
+    x->next_active = c->active;
+    if (c->active)
+        c->active->prev_active = x;
+    c->active = x;
+}
+
+/* No more bytes will be sent. */
+static void mark_done(struct us_core *c, struct xfer *x)
+{
+    x->pub.done = 1;
+    c->st.transfers_running--;
+}
+
 static void change(struct us_core *c, struct xfer *x, uint32_t bits)
 {
     if (!x->pub.notify)
@@ -981,8 +1000,7 @@ static void finish(struct us_core *c, struct xfer *x)
     release_sock(c, x);
     if (x->sock_held && x->sock_fixed)
         return;  /* no SQ room for emptying the slot yet: ready again */
-    x->pub.done = 1;
-    c->st.transfers_running--;
+    mark_done(c, x);
     change(c, x, US_CH_DONE);
     maybe_settle(c, x);
 }
@@ -1608,6 +1626,115 @@ static struct us_xfer *start_failed(struct us_core *c, int why, int err)
     return NULL;
 }
 
+/* Chunks of a send from memory or a mapping: with SEND_ZC (zc), one send's pinned pages must fit
+ * the budget by themselves; a chain carries at most CHAIN_BYTES. */
+static void size_chunks(struct us_core *c, struct xfer *x, int zc)
+{
+    if (zc) {
+        uint64_t max = c->zc_budget >> 12 > 2 ? ((c->zc_budget >> 12) - 2) << 12 : PAGE;
+        if (x->chunk > max)
+            x->chunk = (uint32_t)(max < PAGE ? PAGE : max);
+    }
+    if (CHAIN_BYTES / x->chunk < x->window)
+        x->window = CHAIN_BYTES / x->chunk ? CHAIN_BYTES / x->chunk : 1;
+}
+
+/* A chain (fixed ops plus per ops a chunk) must fit the SQ: it is never split [KF 4]. */
+static void fit_sq(struct us_core *c, struct xfer *x, unsigned per, unsigned fixed)
+{
+    if (c->sq_entries > fixed + per) {
+        unsigned w = (c->sq_entries - fixed) / per;
+        if (w < x->window)
+            x->window = w;
+    } else {
+        x->window = 1;
+    }
+}
+
+/* Hold the socket (and the file: uses_file) in the registered file table, or as duplicates when
+ * the table is full: the caller may close theirs as soon as the start call returns. */
+static void hold_fds(struct us_core *c, struct xfer *x, int sock_fd, int file_fd, int uses_file)
+{
+    /* The FILES_UPDATE runs inline in launch()'s submission [KF 28]. */
+    if (c->nfree_slots >= (unsigned)(1 + uses_file) && room(c, 2)) {
+        int a = slot_get(c), b = -1;
+        if (uses_file) {
+            b = slot_get(c);
+            if (b != a + 1) {  /* keep the pair adjacent when we can: one FILES_UPDATE empties both */
+                if (b == a - 1) {
+                    int t = a;
+                    a = b;
+                    b = t;
+                }
+            }
+        }
+        x->sock = a;
+        x->sock_fixed = x->sock_held = 1;
+        x->install_fd[0] = sock_fd;
+        x->install_fd[1] = file_fd;
+        if (uses_file) {
+            x->file = b;
+            x->file_fixed = x->file_held = 1;
+        }
+        {
+            struct io_uring_sqe *sqe;
+            uint32_t i = op_new(c, x, IORING_OP_FILES_UPDATE, R_INSTALL);
+            if (!i) {
+                fail(x, -ENOMEM, IORING_OP_FILES_UPDATE, 0);
+                return;
+            }
+            sqe = sqe_for(c, x, i, 0);
+            if (uses_file && b == a + 1) {
+                io_uring_prep_files_update(sqe, x->install_fd, 2, a);
+            } else {
+                io_uring_prep_files_update(sqe, x->install_fd, 1, a);
+                if (uses_file) {
+                    i = op_new(c, x, IORING_OP_FILES_UPDATE, R_INSTALL);
+                    if (!i) {
+                        fail(x, -ENOMEM, IORING_OP_FILES_UPDATE, 1);
+                        return;
+                    }
+                    c->ops[i].offset = 1;  /* names the file in an error */
+                    sqe = sqe_for(c, x, i, 0);
+                    io_uring_prep_files_update(sqe, x->install_fd + 1, 1, b);
+                }
+            }
+        }
+    } else {
+        x->sock = dup_fd(sock_fd);
+        if (x->sock < 0) {
+            fail(x, -errno, US_OP_DUP, 0);
+        } else {
+            x->sock_held = 1;
+            if (uses_file) {
+                x->file = dup_fd(file_fd);
+                if (x->file < 0)
+                    fail(x, -errno, US_OP_DUP, 1);
+                else
+                    x->file_held = 1;
+            }
+        }
+        c->st.fds_duplicated++;
+    }
+}
+
+/* Build and submit the first chain of a transfer just started. A small send completes inline:
+ * its CQEs are handled now, so that waiting costs nothing more. */
+static struct us_xfer *launch(struct us_core *c, struct xfer *x)
+{
+    x->starting = 1;
+    pump(c, x);
+    if (c->urgent)
+        submit(c);
+    if (io_uring_cq_ready(&c->ring))
+        reap_visible(c);
+    pump_ready(c);
+    if (c->urgent)
+        submit(c);  /* e.g. emptying the slots of a transfer that just ended */
+    x->starting = 0;
+    return &x->pub;
+}
+
 struct us_xfer *us_start(struct us_core *c, int mode, int sock_fd, int file_fd, int64_t offset,
                          int64_t count, const char *extra, uint32_t header_len, uint32_t trailer_len,
                          int notify)
@@ -1668,119 +1795,22 @@ struct us_xfer *us_start(struct us_core *c, int mode, int sock_fd, int file_fd, 
     x->window = WINDOW;
     if (mode == US_MODE_MMAP || mode == US_MODE_COPY) {
         x->chunk = mode == US_MODE_MMAP ? c->chunk_size : c->copy_chunk_size;
-        if (mode == US_MODE_MMAP) {  /* one send's pinned pages must fit the budget by themselves */
-            uint64_t max = c->zc_budget >> 12 > 2 ? ((c->zc_budget >> 12) - 2) << 12 : PAGE;
-            if (max < PAGE)
-                max = PAGE;
-            if (x->chunk > max)
-                x->chunk = (uint32_t)max;
-        }
-        if (CHAIN_BYTES / x->chunk < x->window)
-            x->window = CHAIN_BYTES / x->chunk ? CHAIN_BYTES / x->chunk : 1;
+        size_chunks(c, x, mode == US_MODE_MMAP);
         if (map) {
             x->map = map;
             map->users++;
         }
     }
-    {   /* a chain (install, poll, header, chunks, trailer, unslot) must fit the SQ: never split */
-        unsigned per = uses_file ? 2 : 1, fixed = 5;
-        if (c->sq_entries > fixed + per) {
-            unsigned w = (c->sq_entries - fixed) / per;
-            if (w < x->window)
-                x->window = w;
-        } else {
-            x->window = 1;
-        }
-    }
-    c->st.transfers_started++;
-    c->st.transfers_active++;
-    c->st.transfers_running++;
-    x->next_active = c->active;
-    if (c->active)
-        c->active->prev_active = x;
-    c->active = x;
+    fit_sq(c, x, uses_file ? 2 : 1, 5);  /* install, poll, header, chunks, trailer, unslot */
+    activate(c, x);
 
     if (empty) {
-        x->pub.done = 1;
-        c->st.transfers_running--;
+        mark_done(c, x);
         maybe_settle(c, x);
         return &x->pub;
     }
-    /* Take hold of the fds now: the caller may close theirs as soon as this returns. The
-     * FILES_UPDATE below runs inline in the submission at the end of this call [KF 28]. */
-    if (c->nfree_slots >= (unsigned)(1 + uses_file) && room(c, 2)) {
-        int a = slot_get(c), b = -1;
-        if (uses_file) {
-            b = slot_get(c);
-            if (b != a + 1) {  /* keep the pair adjacent when we can: one FILES_UPDATE empties both */
-                if (b == a - 1) {
-                    int t = a;
-                    a = b;
-                    b = t;
-                }
-            }
-        }
-        x->sock = a;
-        x->sock_fixed = x->sock_held = 1;
-        x->install_fd[0] = sock_fd;
-        x->install_fd[1] = file_fd;
-        if (uses_file) {
-            x->file = b;
-            x->file_fixed = x->file_held = 1;
-        }
-        {
-            struct io_uring_sqe *sqe;
-            uint32_t i = op_new(c, x, IORING_OP_FILES_UPDATE, R_INSTALL);
-            if (!i) {
-                fail(x, -ENOMEM, IORING_OP_FILES_UPDATE, 0);
-                goto go;
-            }
-            sqe = sqe_for(c, x, i, 0);
-            if (uses_file && b == a + 1) {
-                io_uring_prep_files_update(sqe, x->install_fd, 2, a);
-            } else {
-                io_uring_prep_files_update(sqe, x->install_fd, 1, a);
-                if (uses_file) {
-                    i = op_new(c, x, IORING_OP_FILES_UPDATE, R_INSTALL);
-                    if (!i) {
-                        fail(x, -ENOMEM, IORING_OP_FILES_UPDATE, 1);
-                        goto go;
-                    }
-                    c->ops[i].offset = 1;  /* names the file in an error */
-                    sqe = sqe_for(c, x, i, 0);
-                    io_uring_prep_files_update(sqe, x->install_fd + 1, 1, b);
-                }
-            }
-        }
-    } else {
-        x->sock = dup_fd(sock_fd);
-        if (x->sock < 0) {
-            fail(x, -errno, US_OP_DUP, 0);
-        } else {
-            x->sock_held = 1;
-            if (uses_file) {
-                x->file = dup_fd(file_fd);
-                if (x->file < 0)
-                    fail(x, -errno, US_OP_DUP, 1);
-                else
-                    x->file_held = 1;
-            }
-        }
-        c->st.fds_duplicated++;
-    }
-go:
-    x->starting = 1;
-    pump(c, x);
-    if (c->urgent)
-        submit(c);
-    /* A small send completes inline: handle its CQEs now, so that waiting costs nothing more. */
-    if (io_uring_cq_ready(&c->ring))
-        reap_visible(c);
-    pump_ready(c);
-    if (c->urgent)
-        submit(c);  /* e.g. emptying the slots of a transfer that just ended */
-    x->starting = 0;
-    return &x->pub;
+    hold_fds(c, x, sock_fd, file_fd, uses_file);
+    return launch(c, x);
 }
 
 /* A transfer from memory at addr: offsets are bytes from addr (or stream offsets). */
@@ -1812,60 +1842,16 @@ static struct xfer *mem_xfer_new(struct us_core *c, int mode, uint64_t addr, uin
 /* Take hold of the socket (a registered file slot, else a duplicate) and send what there is. */
 static struct us_xfer *mem_launch(struct us_core *c, struct xfer *x, int sock_fd)
 {
-    if (x->zc && !x->wrap) {  /* one send's pinned pages must fit the budget by themselves */
-        uint64_t max = c->zc_budget >> 12 > 2 ? ((c->zc_budget >> 12) - 2) << 12 : PAGE;
-        if (x->chunk > max)
-            x->chunk = (uint32_t)(max < PAGE ? PAGE : max);
-    }
-    if (CHAIN_BYTES / x->chunk < x->window)
-        x->window = CHAIN_BYTES / x->chunk ? CHAIN_BYTES / x->chunk : 1;
-    if (c->sq_entries > 5) {  /* the chain (install, chunks, unslot) must fit the SQ [KF 4] */
-        if (c->sq_entries - 4 < x->window)
-            x->window = c->sq_entries - 4;
-    } else {
-        x->window = 1;
-    }
-    c->st.transfers_started++;
-    c->st.transfers_active++;
-    c->st.transfers_running++;
-    x->next_active = c->active;
-    if (c->active)
-        c->active->prev_active = x;
-    c->active = x;
+    size_chunks(c, x, x->zc && !x->wrap);
+    fit_sq(c, x, 1, 4);  /* install, chunks, unslot */
+    activate(c, x);
     if (!x->open && x->pub.end <= 0) {
-        x->pub.done = 1;
-        c->st.transfers_running--;
+        mark_done(c, x);
         maybe_settle(c, x);
         return &x->pub;
     }
-    if (c->nfree_slots && room(c, 1)) {
-        uint32_t i = op_new(c, x, IORING_OP_FILES_UPDATE, R_INSTALL);
-        x->sock = slot_get(c);
-        x->sock_fixed = x->sock_held = 1;
-        x->install_fd[0] = sock_fd;
-        if (!i) {
-            fail(x, -ENOMEM, IORING_OP_FILES_UPDATE, 0);
-        } else {
-            struct io_uring_sqe *sqe = sqe_for(c, x, i, 0);
-            io_uring_prep_files_update(sqe, x->install_fd, 1, x->sock);
-        }
-    } else {
-        x->sock = dup_fd(sock_fd);
-        if (x->sock < 0)
-            fail(x, -errno, US_OP_DUP, 0);
-        else
-            x->sock_held = 1;
-        c->st.fds_duplicated++;
-    }
-    pump(c, x);
-    if (c->urgent)
-        submit(c);
-    if (io_uring_cq_ready(&c->ring))  /* a small send completes inline: handle it now */
-        reap_visible(c);
-    pump_ready(c);
-    if (c->urgent)
-        submit(c);
-    return &x->pub;
+    hold_fds(c, x, sock_fd, -1, 0);
+    return launch(c, x);
 }
 
 struct us_xfer *us_send(struct us_core *c, int mode, int sock_fd, uint64_t addr, uint64_t len, int notify)
@@ -2269,8 +2255,7 @@ static void tee_finish(struct us_core *c, struct tee *t, struct xfer *x)
             close(x->sock);
         x->sock_held = 0;
     }
-    x->pub.done = 1;
-    c->st.transfers_running--;
+    mark_done(c, x);
     change(c, x, US_CH_DONE);
 }
 
@@ -2629,13 +2614,7 @@ int us_tee(struct us_core *c, int file_fd, const int *socks, unsigned n, int64_t
     }
     for (i = 0; i < n; i++) {
         struct xfer *x = t->dest[i];
-        c->st.transfers_started++;
-        c->st.transfers_active++;
-        c->st.transfers_running++;
-        x->next_active = c->active;
-        if (c->active)
-            c->active->prev_active = x;
-        c->active = x;
+        activate(c, x);
         out[i] = &x->pub;
     }
     tee_pump(c, t);
