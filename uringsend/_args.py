@@ -14,23 +14,24 @@ def _nonneg(name, value):
     return value
 
 
-def _sock_fd(sock):
+def _sock_fd(sock, op="sendfile"):
+    """The fd of a socket (object or fd), or a clear TypeError/OSError naming ``op``."""
     if isinstance(sock, socket.socket):  # known to be a socket: no fstat needed
         fd = sock.fileno()
         if fd < 0:
-            raise OSError(errno.EBADF, f"sendfile: socket {sock!r} is closed")
+            raise OSError(errno.EBADF, f"{op}: socket {sock!r} is closed")
         return fd
     fd = sock if isinstance(sock, int) else getattr(sock, "fileno", lambda: None)()
     if not isinstance(fd, int) or isinstance(fd, bool):
         raise TypeError(f"sock must be a socket or a file descriptor, not {type(sock).__name__}")
     if fd < 0:
-        raise OSError(errno.EBADF, f"sendfile: socket fd {fd}: {os.strerror(errno.EBADF)}")
+        raise OSError(errno.EBADF, f"{op}: socket fd {fd}: {os.strerror(errno.EBADF)}")
     try:
         st = os.fstat(fd)
     except OSError as exc:
-        raise OSError(exc.errno, f"sendfile: socket fd {fd}: {os.strerror(exc.errno)}") from None
+        raise OSError(exc.errno, f"{op}: socket fd {fd}: {os.strerror(exc.errno)}") from None
     if not stat.S_ISSOCK(st.st_mode):
-        raise OSError(errno.ENOTSOCK, f"sendfile: fd {fd} is not a socket")
+        raise OSError(errno.ENOTSOCK, f"{op}: fd {fd} is not a socket")
     return fd
 
 

@@ -23,11 +23,11 @@ import errno
 import mmap
 import os
 import socket
-import stat
 import threading
 import time
 
 from . import _lowlevel as ll
+from ._args import _sock_fd
 from .errors import RingOwnerError, TransferCancelled, memlock_text
 from .transfer import Transfer
 
@@ -44,21 +44,10 @@ _pinned = set()
 # ---- arguments ---------------------------------------------------------------------------------
 def stream_socket(sock, op):
     """The fd of a stream socket, or a clear TypeError/OSError/ValueError naming ``op``."""
+    fd = _sock_fd(sock, op)
     if isinstance(sock, socket.socket):
-        fd = sock.fileno()
-        if fd < 0:
-            raise OSError(errno.EBADF, f"{op}: socket {sock!r} is closed")
         kind = sock.type
     else:
-        fd = sock if isinstance(sock, int) else getattr(sock, "fileno", lambda: None)()
-        if not isinstance(fd, int) or isinstance(fd, bool):
-            raise TypeError(f"sock must be a socket or a file descriptor, not {type(sock).__name__}")
-        try:
-            st = os.fstat(fd)
-        except OSError as exc:
-            raise OSError(exc.errno, f"{op}: socket fd {fd}: {os.strerror(exc.errno)}") from None
-        if not stat.S_ISSOCK(st.st_mode):
-            raise OSError(errno.ENOTSOCK, f"{op}: fd {fd} is not a socket")
         probe = socket.socket(fileno=fd)  # reads SO_TYPE; detached below, the fd stays the caller's
         try:
             kind = probe.type

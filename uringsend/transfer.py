@@ -49,7 +49,7 @@ class Transfer:
                  "_fallback", "_cancel_asked", "__weakref__")
 
     def __init__(self, driver, x, mode, sock_fd, file_fd, count, on_release):
-        self._driver = driver       # drives the ring (None: the transfer ended when it started)
+        self._driver = driver       # drives the ring
         self._x = x                 # struct us_xfer: the engine's state of this transfer
         self.mode = mode
         self.sock_fd = sock_fd      # the caller's fds, for error texts and repr
@@ -238,24 +238,12 @@ class Transfer:
     def add_done_callback(self, fn):
         """Call ``fn(transfer)`` once the transfer is done (at once if it is). As with futures,
         an exception raised by ``fn`` is logged and ignored."""
-        if self._x.done:
-            _call(fn, self)
-            return
-        if self._done_callbacks is None:
-            self._done_callbacks = []
-        self._done_callbacks.append(fn)
-        self._watch()
+        self._add_once("_done_callbacks", self._x.done, fn)
 
     def add_settled_callback(self, fn):
         """Call ``fn(transfer)`` once the transfer is settled (at once if it is): every release
         it will ever report has been. Exceptions are logged and ignored."""
-        if self._x.settled:
-            _call(fn, self)
-            return
-        if self._settled_callbacks is None:
-            self._settled_callbacks = []
-        self._settled_callbacks.append(fn)
-        self._watch()
+        self._add_once("_settled_callbacks", self._x.settled, fn)
 
     def add_release_callback(self, fn):
         """Call ``fn(event)`` for each RELEASED event, those already recorded first. An
@@ -269,22 +257,36 @@ class Transfer:
         if not self._x.settled:
             self._watch()
 
+    def _add_once(self, slot, ready, fn):
+        """Add ``fn`` to the one-shot callbacks in ``slot``, or call it now if ``ready``."""
+        if ready:
+            _call(fn, self)
+            return
+        callbacks = getattr(self, slot)
+        if callbacks is None:
+            callbacks = []
+            setattr(self, slot, callbacks)
+        callbacks.append(fn)
+        self._watch()
+
+    def _run_once(self, slot):
+        callbacks = getattr(self, slot)
+        if callbacks:
+            setattr(self, slot, None)
+            for fn in callbacks:
+                _call(fn, self)
+
     def _watch(self):
-        if self._driver is not None:
-            self._driver.watch(self._x, self._changed)
+        self._driver.watch(self._x, self._changed)
 
     def _changed(self, what):
         """The driver's listener: fire what this change makes due."""
-        if what & ll.CH_RELEASED or what & ll.CH_SETTLED:
+        if what & (ll.CH_RELEASED | ll.CH_SETTLED):
             self._fire_releases()
-        if what & ll.CH_DONE and self._done_callbacks:
-            callbacks, self._done_callbacks = self._done_callbacks, None
-            for fn in callbacks:
-                _call(fn, self)
-        if what & ll.CH_SETTLED and self._settled_callbacks:
-            callbacks, self._settled_callbacks = self._settled_callbacks, None
-            for fn in callbacks:
-                _call(fn, self)
+        if what & ll.CH_DONE:
+            self._run_once("_done_callbacks")
+        if what & ll.CH_SETTLED:
+            self._run_once("_settled_callbacks")
 
     def _fire_releases(self):
         """Hand the RELEASED events not yet seen to each release callback; a raising callback is
