@@ -6,6 +6,7 @@ kernel changes something without telling anyone (thread lists), ``wait_for`` pol
 A check that something does *not* happen has no event to wait on; those are named as such
 (``_semantics.nothing_happens_for``) and used only there.
 """
+import asyncio
 import hashlib
 import os
 import selectors
@@ -70,6 +71,18 @@ def read_exactly(sock, n, timeout=10):
     finally:
         sock.settimeout(None)
     return bytes(out)
+
+
+async def read_async(sock, n):
+    """Read ``n`` bytes (fewer only at EOF) from a non-blocking socket on the running loop."""
+    loop = asyncio.get_running_loop()
+    data = bytearray()
+    while len(data) < n:
+        chunk = await loop.sock_recv(sock, min(1 << 20, n - len(data)))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
 
 
 class Receiver:

@@ -13,7 +13,7 @@ import uringsend.aio
 from uringsend import _lowlevel as ll
 from uringsend.aio import AsyncRing
 from uringsend.ring import SETUP_ATTEMPTS
-from helpers import MODES, Sink, reset, sha, tcp_pair
+from helpers import MODES, Sink, read_async, reset, sha, tcp_pair
 
 ZC_MODES = ("zerocopy", "mmap")  # modes whose buffers wait for SEND_ZC notifications
 
@@ -27,18 +27,6 @@ def accepted_flags():
     if not flags:
         pytest.skip("io_uring_setup accepts none of the ring's setup flag sets")
     return flags
-
-
-async def read_all(peer, n):
-    """Read exactly n bytes from a non-blocking socket on the running loop."""
-    loop = asyncio.get_running_loop()
-    data = bytearray()
-    while len(data) < n:
-        chunk = await loop.sock_recv(peer, min(1 << 20, n - len(data)))
-        if not chunk:
-            break
-        data += chunk
-    return bytes(data)
 
 
 async def _await(handle):
@@ -70,7 +58,7 @@ def test_eventfd_wakes_the_loop(flags, make_file):
         with client, peer:
             async with CountingRing(setup_flags=SETUP_ATTEMPTS[flags]) as aring:
                 handle = aring.sendfile(client, path, mode="copy")
-                got = await read_all(peer, len(data))
+                got = await read_async(peer, len(data))
                 assert await handle == len(data)
                 return got, aring.wakes
 
@@ -201,7 +189,7 @@ def test_raw_nonblocking_socket(mode, make_file):
         with client, peer:
             async with AsyncRing() as aring:
                 handle = aring.sendfile(client, path, mode=mode, header=b"head")
-                got = await read_all(peer, len(data) + 4)
+                got = await read_async(peer, len(data) + 4)
                 sent = await handle
                 if handle.mode == "splice":
                     with pytest.raises(uringsend.ReleaseNotReported):
@@ -242,7 +230,7 @@ def test_cancelling_the_awaiting_task_cancels_the_transfer(mode, make_file):
                     await handle
                 assert exc.value.errno == errno.ECANCELED
                 held = aring.statistics()
-                got = await read_all(peer, handle.sent)
+                got = await read_async(peer, handle.sent)
                 if handle.mode != "splice":  # splice reports no release; it settles when done
                     assert await handle.released() == handle.sent  # what was sent, released
                 return handle.transfer, held, aring.statistics(), got, aring.ring.trace()
@@ -323,7 +311,7 @@ def test_closing_the_callers_socket_does_not_redirect_the_transfer(make_file):
                 a, b = socket.socketpair()
                 with a, b:
                     assert number in (a.fileno(), b.fileno())
-                    got = await read_all(peer, len(data))
+                    got = await read_async(peer, len(data))
                     assert await handle == len(data)
                     b.setblocking(False)
                     a.setblocking(False)
@@ -347,7 +335,7 @@ def test_caller_may_close_its_fds_at_once(make_file):
                 handle = aring.sendfile(client, fd, mode="mmap")
                 os.close(fd)
                 client.close()
-                got = await read_all(peer, len(data))
+                got = await read_async(peer, len(data))
                 assert await handle.released() == len(data)
                 return got
 
@@ -361,7 +349,7 @@ def test_sendfile_convenience(mode, make_file):
     async def main():
         client, peer = tcp_pair(blocking=False)
         with client, peer:
-            reader = asyncio.create_task(read_all(peer, len(data) + 2))
+            reader = asyncio.create_task(read_async(peer, len(data) + 2))
             sent = await uringsend.aio.sendfile(client, path, mode=mode, headers=b"h\n")
             return sent, await reader
 
@@ -413,7 +401,7 @@ def test_aclose_cancels_running_transfers(make_file):
             closing = asyncio.create_task(aring.aclose())
             with pytest.raises(uringsend.TransferCancelled):
                 await handle
-            got = await read_all(peer, handle.sent)  # lets the kernel release the buffers
+            got = await read_async(peer, handle.sent)  # lets the kernel release the buffers
             await closing
             assert aring.closed and aring.ring.kept_alive == 0
             with pytest.raises(ValueError):

@@ -23,7 +23,7 @@ import uringsend.aio
 from uringsend.aio import install, install_statistics, sendfile_options, uninstall
 from uringsend._aioinstall import NOT_REGULAR, SMALL, TLS, UNAVAILABLE
 from _faults import block_io_uring, private_file, run_child
-from helpers import sha, tcp_pair
+from helpers import read_async, sha, tcp_pair
 
 LOOPS = ["asyncio", "uvloop"]
 BIG = (1 << 20) + 4099          # through io_uring in mode 'auto'
@@ -278,23 +278,6 @@ def test_buffered_bytes_go_first_and_the_transport_stays_usable(kind, mode, inst
 
 
 # ---- loop.sock_sendfile() ----------------------------------------------------------------------
-def nonblocking_tcp():
-    client, peer = tcp_pair()
-    client.setblocking(False)
-    peer.setblocking(False)
-    return client, peer
-
-
-async def read_exactly(sock, n):
-    loop = asyncio.get_running_loop()
-    data = bytearray()
-    while len(data) < n:
-        chunk = await loop.sock_recv(sock, min(1 << 20, n - len(data)))
-        assert chunk, f"EOF after {len(data)} of {n} bytes"
-        data += chunk
-    return bytes(data)
-
-
 @pytest.mark.parametrize("kind", LOOPS)
 @pytest.mark.parametrize("offset, count", [(0, None), (100, 300000), (7, 1000), (BIG - 10, 50)])
 def test_sock_sendfile_return_value_and_file_position(kind, offset, count, installed, make_file):
@@ -303,11 +286,11 @@ def test_sock_sendfile_return_value_and_file_position(kind, offset, count, insta
 
     async def main():
         loop = asyncio.get_running_loop()
-        client, peer = nonblocking_tcp()
+        client, peer = tcp_pair(blocking=False)
         with client, peer, open(path, "rb") as f:
             before = install_statistics()
             sending = asyncio.ensure_future(loop.sock_sendfile(client, f, offset, count))
-            got = await read_exactly(peer, len(want))
+            got = await read_async(peer, len(want))
             return await sending, f.tell(), got, delta(before)
 
     sent, position, got, counted = run(kind, main)
@@ -323,7 +306,7 @@ def test_sock_sendfile_at_or_past_the_end_sends_nothing(kind, installed, make_fi
 
     async def main():
         loop = asyncio.get_running_loop()
-        client, peer = nonblocking_tcp()
+        client, peer = tcp_pair(blocking=False)
         with client, peer, open(path, "rb") as f:
             f.seek(123)
             return [await loop.sock_sendfile(client, f, 5000), await loop.sock_sendfile(client, f, 9999, 10),
@@ -348,7 +331,7 @@ def _error_of(kind, name, path):
     """(type, text) of what loop.sock_sendfile raises for BAD_CALLS[name] on this loop."""
     async def main():
         loop = asyncio.get_running_loop()
-        client, peer = nonblocking_tcp()
+        client, peer = tcp_pair(blocking=False)
         udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         udp.setblocking(False)
         with open(path, "rb") as closed:
@@ -391,7 +374,7 @@ def test_pipe_as_the_file_falls_back(kind, installed):
 
     async def main():
         loop = asyncio.get_running_loop()
-        client, peer = nonblocking_tcp()
+        client, peer = tcp_pair(blocking=False)
         r, w = os.pipe()
         with client, peer, open(r, "rb") as pipe:
             with open(w, "wb") as sink:
@@ -407,7 +390,7 @@ def test_pipe_as_the_file_falls_back(kind, installed):
                     await loop.sock_sendfile(client, src, 0, len(payload))
                 return None, delta(before)
             sending = asyncio.ensure_future(loop.sock_sendfile(client, src, 0, len(payload)))
-            got = await read_exactly(peer, len(payload))
+            got = await read_async(peer, len(payload))
             return (await sending, got), delta(before)
 
     result, counted = run(kind, main)
@@ -424,7 +407,7 @@ def test_cancelled_send_raises_and_leaves_nothing(kind, installed, make_file):
 
     async def main():
         loop = asyncio.get_running_loop()
-        client, peer = nonblocking_tcp()
+        client, peer = tcp_pair(blocking=False)
         with client, peer, open(path, "rb") as f:
             before = install_statistics()
             sending = asyncio.ensure_future(loop.sock_sendfile(client, f))
@@ -450,11 +433,11 @@ def child_without_io_uring():
     for kind in LOOPS:
         async def main():
             loop = asyncio.get_running_loop()
-            client, peer = nonblocking_tcp()
+            client, peer = tcp_pair(blocking=False)
             with client, peer:
                 try:
                     sending = asyncio.ensure_future(loop.sock_sendfile(client, f, 0, BIG))
-                    got = await read_exactly(peer, BIG) if kind == "asyncio" else b""
+                    got = await read_async(peer, BIG) if kind == "asyncio" else b""
                     return [await sending, got == data]
                 except NotImplementedError:
                     return "NotImplementedError"
@@ -477,12 +460,12 @@ def test_sendfile_options_choose_the_mode_and_report_releases(kind, mode, instal
 
     async def main():
         loop = asyncio.get_running_loop()
-        client, peer = nonblocking_tcp()
+        client, peer = tcp_pair(blocking=False)
         released = []
         with client, peer, open(path, "rb") as f:
             with sendfile_options(mode=mode, on_release=released.append) as scope:
                 sending = asyncio.ensure_future(loop.sock_sendfile(client, f))
-                got = await read_exactly(peer, len(data))
+                got = await read_async(peer, len(data))
                 sent = await sending
             await scope.released()
             return sent, got, released, [h.mode for h in scope.transfers]
@@ -501,11 +484,11 @@ def test_small_auto_write_reports_its_release(kind, installed, make_file):
 
     async def main():
         loop = asyncio.get_running_loop()
-        client, peer = nonblocking_tcp()
+        client, peer = tcp_pair(blocking=False)
         released = []
         with client, peer, open(path, "rb") as f, sendfile_options(on_release=released.append) as scope:
             sent = await loop.sock_sendfile(client, f, 10)
-            got = await read_exactly(peer, sent)
+            got = await read_async(peer, sent)
             await scope.released()
             return sent, got, [(e.kind, e.offset, e.nbytes, e.copied) for e in released], scope.transfers
 
@@ -558,12 +541,12 @@ def test_options_apply_until_the_block_ends(kind, installed, make_file):
 
     async def main():
         loop = asyncio.get_running_loop()
-        client, peer = nonblocking_tcp()
+        client, peer = tcp_pair(blocking=False)
         heard = {"outer": [], "inner": []}
 
         async def send(n):
             await loop.sock_sendfile(client, f, 0, n)
-            await read_exactly(peer, n)
+            await read_async(peer, n)
 
         with client, peer, open(path, "rb") as f:
             with sendfile_options(on_release=heard["outer"].append):
@@ -616,7 +599,7 @@ def test_without_install_nothing_changes(kind, make_file):
 
     async def main():
         loop = asyncio.get_running_loop()
-        client, peer = nonblocking_tcp()
+        client, peer = tcp_pair(blocking=False)
         with client, peer, open(path, "rb") as f:
             before = install_statistics()
             if kind == "uvloop":
@@ -624,7 +607,7 @@ def test_without_install_nothing_changes(kind, make_file):
                     await loop.sock_sendfile(client, f, fallback=False)
                 return None, delta(before)
             sending = asyncio.ensure_future(loop.sock_sendfile(client, f, fallback=False))
-            got = await read_exactly(peer, len(data))
+            got = await read_async(peer, len(data))
             return (await sending, got), delta(before)
 
     result, counted = run(kind, main)

@@ -243,6 +243,23 @@ def _closed_fd():
     return r
 
 
+def _singles_then_a_chain(ring, rec, w, singles):
+    """Submit ``singles`` NOPs then a 3-op chain in one call, once with a head that succeeds and
+    once with one that fails (a splice from a closed fd): two submissions each time, the singles
+    then the chain whole; a failing head cancels the rest."""
+    bad = _closed_fd()
+    for failing_head in (False, True):
+        ops = [rec.op(ll.OP_NOP) for _ in range(singles)]
+        head = (rec.op(ll.OP_SPLICE, w, fd_in=bad, off_in=-1, off=-1, len=1) if failing_head
+                else rec.op(ll.OP_NOP))
+        chain = [head, rec.op(ll.OP_NOP), rec.op(ll.OP_NOP)]
+        enters = ring.statistics().enters
+        ring.ledger.submit(ops + chain, sqe_flags=[0] * singles + [LINK, LINK, 0])
+        assert ring.statistics().enters - enters == 2  # the singles, then the chain
+        want = [-errno.EBADF, -errno.ECANCELED, -errno.ECANCELED] if failing_head else [0] * 3
+        assert wait_res(ring, *ops, *chain) == [0] * singles + want
+
+
 def test_raw_prep_takes_whole_chains_only():
     """Raw ops are prepared whole chains at a time: 6 single ops leave 2 of 8 slots, so a 3-op
     chain is not split; what was prepared is submitted first, and the chain whole in a second
@@ -252,17 +269,7 @@ def test_raw_prep_takes_whole_chains_only():
     r, w = os.pipe()
     try:
         with uringsend.Ring(entries=8) as ring:
-            bad = _closed_fd()
-            for failing_head in (False, True):
-                ops = [rec.op(ll.OP_NOP) for _ in range(6)]
-                head = (rec.op(ll.OP_SPLICE, w, fd_in=bad, off_in=-1, off=-1, len=1) if failing_head
-                        else rec.op(ll.OP_NOP))
-                chain = [head, rec.op(ll.OP_NOP), rec.op(ll.OP_NOP)]
-                enters = ring.statistics().enters
-                ring.ledger.submit(ops + chain, sqe_flags=[0] * 6 + [LINK, LINK, 0])
-                assert ring.statistics().enters - enters == 2  # the 6 singles, then the chain
-                want = [-errno.EBADF, -errno.ECANCELED, -errno.ECANCELED] if failing_head else [0] * 3
-                assert wait_res(ring, *ops, *chain) == [0] * 6 + want
+            _singles_then_a_chain(ring, rec, w, 6)
     finally:
         os.close(r)
         os.close(w)
@@ -275,17 +282,7 @@ def test_raw_prep_longer_than_the_sq_still_stops_at_a_chain_boundary():
     r, w = os.pipe()
     try:
         with uringsend.Ring(entries=4) as ring:
-            bad = _closed_fd()
-            for failing_head in (False, True):
-                ops = [rec.op(ll.OP_NOP) for _ in range(2)]
-                head = (rec.op(ll.OP_SPLICE, w, fd_in=bad, off_in=-1, off=-1, len=1) if failing_head
-                        else rec.op(ll.OP_NOP))
-                chain = [head, rec.op(ll.OP_NOP), rec.op(ll.OP_NOP)]
-                enters = ring.statistics().enters
-                ring.ledger.submit(ops + chain, sqe_flags=[0, 0, LINK, LINK, 0])
-                assert ring.statistics().enters - enters == 2  # n == 2: stopped at the chain
-                want = [-errno.EBADF, -errno.ECANCELED, -errno.ECANCELED] if failing_head else [0] * 3
-                assert wait_res(ring, *ops, *chain) == [0, 0] + want
+            _singles_then_a_chain(ring, rec, w, 2)
             too_long = [rec.op(ll.OP_NOP) for _ in range(5)]
             with pytest.raises(ValueError):
                 ring.ledger.submit(too_long)
