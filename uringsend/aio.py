@@ -192,8 +192,7 @@ class AsyncRing:
         """Close the ring (cancelling what runs, then waiting at most ``timeout`` s for the
         kernel's completions and notifications: what is left is kept alive), then the eventfd."""
         try:
-            self.ring.close_timeout = timeout
-            self.ring.close()
+            self.ring.close(release_timeout=timeout)
         finally:
             self._loop.remove_reader(self._efd)
             os.close(self._efd)

@@ -348,13 +348,14 @@ class Ring:
         )
 
     # ---- closing -----------------------------------------------------------------------------
-    def close(self, *, cancel=True, timeout=None):
+    def close(self, *, cancel=True, timeout=None, release_timeout=None):
         """Close the ring. ``cancel=True`` (the default, and ``with`` left by an exception)
         cancels every transfer still running; ``cancel=False`` (``with`` left normally) lets them
         finish first, waiting without limit unless ``timeout`` is given, after which the rest is
-        cancelled. Then it waits (at most ``close_timeout`` s) for every outstanding completion
-        and notification, and tears down. Memory the kernel may still reference when time runs
-        out is kept alive for the life of the process, never freed (a ResourceWarning says so)."""
+        cancelled. Then it waits (at most ``release_timeout`` s, default ``close_timeout``) for
+        every outstanding completion and notification, and tears down. Memory the kernel may
+        still reference when time runs out is kept alive for the life of the process, never
+        freed (a ResourceWarning says so)."""
         core = self._core
         if core is None:
             return
@@ -371,7 +372,8 @@ class Ring:
                     pass  # what is still running is cancelled below
             core.cancel_all()
             try:
-                driver.run_until(driver.idle, self.close_timeout)
+                driver.run_until(driver.idle, self.close_timeout if release_timeout is None
+                                 else release_timeout)
             except TimeoutError:
                 pass  # what is still referenced is kept alive below
             if core.changes_pending():
